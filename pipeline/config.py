@@ -1,0 +1,288 @@
+"""Typed schema of ``params.yaml`` and the one way to load it.
+
+``params.yaml`` is the single source of truth. Every stage loads it through Hydra's compose
+API, so ``key=value`` overrides work on any entry point, and through the dataclasses below,
+so a wrong key, type or value fails before any computation with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import PipelineError
+
+PARAMS_FILE = "params.yaml"
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
+DEVICES_HINT = "auto, cpu, cuda or cuda:N"
+
+
+class ConfigError(PipelineError):
+    """A params value that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class Runtime:
+    device: str = "auto"  # auto picks cuda when available
+    amp: bool = False  # autocast: bfloat16 on CPU, float16 on CUDA
+    threads: int = 0  # 0 = one per core
+    channels_last: bool = True  # 2-2.5x faster convolutions on CPU
+    progress: bool = True  # bars only appear on a terminal either way
+    workers: int = 0  # DataLoader-free batching; kept for ImageFolder decoding
+
+
+@dataclass
+class Data:
+    name: str = "fashion_mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    download: bool = False  # torchvision download, only for users with internet
+    image_size: int = 28
+    val_fraction: float = 0.1  # held out of train: scoring and model selection
+    limit: int = 0  # 0 = all; else the first N images of the train pool (smoke runs)
+    test_limit: int = 0
+
+
+@dataclass
+class Augment:
+    hflip: bool = True
+    pad_crop: int = 2  # random translation by up to this many pixels
+    erase_prob: float = 0.0  # timm RandomErasing, pixel mode
+
+
+@dataclass
+class Recipe:
+    """A classification training recipe, shared by the teacher and the retrained student."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    opt: str = "adamw"  # any timm optimizer name
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    sched: str = "cosine"  # any timm scheduler name
+    warmup_epochs: int = 1
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.1
+    eval_batch_size: int = 512
+    augment: Augment = field(default_factory=Augment)
+
+
+@dataclass
+class Teacher:
+    name: str = "resnet18"
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    stem_stride: int = 0  # 0 = the model's own; N = set the first conv's stride (small images)
+    stem_pool: bool = True  # False replaces the stem max-pool by identity (small images)
+    checkpoint: str = ""  # local safetensors or torch file: load instead of training
+    pretrained: bool = False  # timm hub weights, needs internet
+    boundaries: List[int] = field(default_factory=lambda: [1, 2, 3])  # feature_info indices
+    train: Recipe = field(default_factory=Recipe)
+
+
+@dataclass
+class Cache:
+    dtype: str = "float16"  # float16 | float32 storage of inputs and teacher features
+    views: int = 1  # augmented views of the train split; 1 = the plain images
+    batch_size: int = 512  # images per teacher forward
+    chunk_size: int = 4096  # samples per fsync: the resume granularity of an interrupted build
+
+
+@dataclass
+class Cell:
+    """A depth/width variant of a block (DNA's cells): its layers and their width."""
+
+    layers: int = 2
+    width: int = 0  # width of every layer but the last (which writes the block's width); 0 = the block's width
+
+
+@dataclass
+class BlockSpace:
+    index: int = -1  # position in the teacher split; must match the key (dvc.yaml names block_<index>.csv by it)
+    width: int = 0  # student channels at the block output (multiple of 8)
+    cells: List[Cell] = field(default_factory=lambda: [Cell()])
+    lr: float = 0.0  # 0 = supernet.lr
+
+
+@dataclass
+class Space:
+    ops: List[str] = field(default_factory=lambda: ["k3e3", "k3e6", "k5e3", "k5e6", "k7e3", "k7e6"])
+    identity: bool = False  # allow skipping layers after a cell's first
+    se_ratio: float = 0.25
+    act: str = "swish"
+    stem: int = 16
+    head: int = 256
+    blocks: Dict[str, BlockSpace] = field(default_factory=dict)
+
+
+@dataclass
+class Supernet:
+    epochs: int = 5
+    batch_size: int = 128
+    opt: str = "adam"
+    lr: float = 2e-3
+    lr_decay: float = 0.9  # per epoch, as in DNA
+    weight_decay: float = 1e-4
+    sampler: str = "uniform"  # uniform | fair
+    target_norm: bool = False  # standardise teacher targets per channel
+    train_samples: int = 0  # train samples per epoch (a fixed seeded subset); 0 = all
+    val_samples: int = 2048  # val samples for the per-epoch val loss
+    val_paths: int = 4  # fixed random paths averaged for the val loss (their spread is logged)
+
+
+@dataclass
+class Score:
+    batches: int = 8  # rating batches taken from the val split
+    batch_size: int = 256
+    bn_batch_size: int = 256  # the fixed train batch that recalibrates BN for every candidate
+
+
+@dataclass
+class Search:
+    method: str = "exact"  # exact | optuna
+    metric: str = "params"  # params | flops
+    budget: float = 0.0
+    fixed_cost: Optional[float] = None  # None = computed from the search space
+    top_k: int = 1
+    scores_dir: str = "artifacts/scores"
+    out_dir: str = "artifacts/search"
+    trials: int = 500
+    sampler: str = "tpe"  # tpe | nsga2
+    storage: str = ""  # optuna storage: sqlite URL or journal file path
+
+
+@dataclass
+class Tracking:
+    experiment: str = "dna"
+
+
+@dataclass
+class Params:
+    seed: int = 0
+    runtime: Runtime = field(default_factory=Runtime)
+    data: Data = field(default_factory=Data)
+    teacher: Teacher = field(default_factory=Teacher)
+    cache: Cache = field(default_factory=Cache)
+    space: Space = field(default_factory=Space)
+    supernet: Supernet = field(default_factory=Supernet)
+    score: Score = field(default_factory=Score)
+    search: Search = field(default_factory=Search)
+    tracking: Tracking = field(default_factory=Tracking)
+
+
+def repo_root() -> Path:
+    """The folder holding params.yaml: DVC's root when run by DVC, else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
+def load_params(overrides: Sequence[str] = (), root: Optional[Path] = None) -> Params:
+    """Compose ``params.yaml`` with Hydra, apply ``key=value`` overrides, validate, return dataclasses."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    root = Path(root or repo_root()).resolve()
+    if not (root / PARAMS_FILE).is_file():
+        raise ConfigError(f"{root / PARAMS_FILE} not found: run from the repository root")
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+            raw = compose(config_name=Path(PARAMS_FILE).stem, overrides=list(overrides))
+    except HydraException as err:
+        raise ConfigError(f"bad override: {_first_line(err)} (use key=value with a key from params.yaml)") from None
+    return validate(raw)
+
+
+def validate(raw: DictConfig | dict) -> Params:
+    """Merge into the typed schema (unknown keys, wrong types fail), then check value ranges."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Params), raw)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"params key '{key}': {_first_line(err)}") from None
+    params: Params = OmegaConf.to_object(merged)
+    _check(params)
+    return params
+
+
+def as_dict(obj: Any) -> Any:
+    """Plain containers (for JSON, MLflow params and weights-only checkpoints)."""
+    if is_dataclass(obj):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [as_dict(v) for v in obj]
+    return obj
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"params key '{key}' = {value!r} is invalid: {allowed}")
+
+
+def _check_recipe(prefix: str, r: Recipe) -> None:
+    _require(r.epochs >= 0, f"{prefix}.epochs", r.epochs, "must be >= 0")
+    _require(r.batch_size > 0, f"{prefix}.batch_size", r.batch_size, "must be > 0")
+    _require(r.eval_batch_size > 0, f"{prefix}.eval_batch_size", r.eval_batch_size, "must be > 0")
+    _require(r.lr > 0, f"{prefix}.lr", r.lr, "must be > 0")
+    _require(r.weight_decay >= 0, f"{prefix}.weight_decay", r.weight_decay, "must be >= 0")
+    _require(0 <= r.label_smoothing < 1, f"{prefix}.label_smoothing", r.label_smoothing, "must be in [0, 1)")
+    _require(0 <= r.warmup_epochs <= max(r.epochs, 0) or r.epochs == 0, f"{prefix}.warmup_epochs",
+             r.warmup_epochs, f"must be in [0, epochs={r.epochs}]")
+    _require(r.augment.pad_crop >= 0, f"{prefix}.augment.pad_crop", r.augment.pad_crop, "must be >= 0")
+    _require(0 <= r.augment.erase_prob <= 1, f"{prefix}.augment.erase_prob", r.augment.erase_prob,
+             "must be in [0, 1]")
+
+
+def _check(p: Params) -> None:
+    rt, d, t = p.runtime, p.data, p.teacher
+    _require(rt.device in ("auto", "cpu", "cuda") or rt.device.startswith("cuda:"), "runtime.device", rt.device,
+             f"use {DEVICES_HINT}")
+    _require(rt.threads >= 0, "runtime.threads", rt.threads, "must be >= 0 (0 = all cores)")
+    _require(d.name in DATASETS, "data.name", d.name, f"choose one of {', '.join(DATASETS)}")
+    _require(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8 pixels")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    _require(d.limit >= 0, "data.limit", d.limit, "must be >= 0 (0 = all images)")
+    _require(d.test_limit >= 0, "data.test_limit", d.test_limit, "must be >= 0 (0 = all images)")
+    _require(t.stem_stride >= 0, "teacher.stem_stride", t.stem_stride, "0 (model default) or a stride >= 1")
+    _require(len(t.boundaries) >= 1 and list(t.boundaries) == sorted(set(t.boundaries)) and min(t.boundaries) >= 0,
+             "teacher.boundaries", list(t.boundaries), "a strictly increasing list of feature_info indices")
+    _check_recipe("teacher.train", t.train)
+    _require(p.cache.dtype in ("float16", "float32"), "cache.dtype", p.cache.dtype, "float16 or float32")
+    _require(p.cache.views >= 1, "cache.views", p.cache.views, "must be >= 1")
+    _require(p.cache.batch_size > 0, "cache.batch_size", p.cache.batch_size, "must be > 0")
+    _require(p.cache.chunk_size > 0, "cache.chunk_size", p.cache.chunk_size, "must be > 0")
+    _require(p.search.method in ("exact", "optuna"), "search.method", p.search.method, "exact or optuna")
+    _require(p.search.metric in ("params", "flops"), "search.metric", p.search.metric, "params or flops")
+    _require(p.search.sampler in ("tpe", "nsga2"), "search.sampler", p.search.sampler, "tpe or nsga2")
+    _require(p.search.top_k >= 1, "search.top_k", p.search.top_k, "must be >= 1")
+    _require(p.search.budget >= 0, "search.budget", p.search.budget, "must be >= 0 (0 = no budget)")
+    _require(p.search.fixed_cost is None or p.search.fixed_cost >= 0, "search.fixed_cost", p.search.fixed_cost,
+             "null (from the search space) or a cost >= 0")
+    _require(p.search.trials >= 1, "search.trials", p.search.trials, "must be >= 1")
+    _check_search_space(p)
+
+
+def _check_search_space(p: Params) -> None:
+    from pipeline.space import check_space  # lazy: the op registry imports torch and timm
+
+    check_space(p.space, len(p.teacher.boundaries))
+    s, c = p.supernet, p.score
+    _require(s.epochs >= 1, "supernet.epochs", s.epochs, "must be >= 1")
+    _require(s.batch_size > 0, "supernet.batch_size", s.batch_size, "must be > 0")
+    _require(s.lr > 0, "supernet.lr", s.lr, "must be > 0")
+    _require(0 < s.lr_decay <= 1, "supernet.lr_decay", s.lr_decay, "must be in (0, 1] (1 = constant lr)")
+    _require(s.weight_decay >= 0, "supernet.weight_decay", s.weight_decay, "must be >= 0")
+    _require(s.sampler in ("uniform", "fair"), "supernet.sampler", s.sampler, "uniform or fair")
+    _require(s.train_samples >= 0, "supernet.train_samples", s.train_samples, "must be >= 0 (0 = all)")
+    _require(s.val_samples > 0, "supernet.val_samples", s.val_samples, "must be > 0")
+    _require(s.val_paths > 0, "supernet.val_paths", s.val_paths, "must be > 0")
+    for key in ("batches", "batch_size", "bn_batch_size"):
+        _require(getattr(c, key) > 0, f"score.{key}", getattr(c, key), "must be > 0")

@@ -1,0 +1,62 @@
+"""``python -m pipeline.repro [dvc repro args]``: one pipeline execution = one MLflow parent run.
+
+Stages started by DVC find the parent through ``DNA_PARENT_RUN_ID`` and nest their runs under it,
+so two executions can be compared side by side in the MLflow UI. The store is initialised here,
+once, before any stage starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pipeline import tracking
+from pipeline.config import load_params
+
+_DVC = str(Path(sys.executable).parent / "dvc")  # the dvc installed beside this interpreter
+
+
+def _dvc_metrics(root: Path) -> dict[str, float]:
+    out = subprocess.run([_DVC, "metrics", "show", "--json"], cwd=root, capture_output=True, text=True)
+    try:
+        shown = json.loads(out.stdout or "{}")
+    except ValueError:
+        return {}
+    flat: dict[str, float] = {}
+    for rev in shown.values():
+        for path, content in (rev.get("data") or {}).items():
+            for key, value in tracking.flatten(content.get("data") or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    flat[f"{Path(path).stem}/{key}"] = value
+    return flat
+
+
+def repro(args: Sequence[str], root: Path) -> int:
+    import mlflow
+
+    params = load_params(root=root)  # a bad params.yaml fails here, before DVC starts anything
+    uri = tracking.tracking_uri(root)
+    tracking.init_store(uri)
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or params.tracking.experiment)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    tags = {"dvc.stage": "pipeline", "git.commit": tracking.git_commit(root), "dvc.args": " ".join(args)}
+    with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
+        # Stage commands say `python`: make it this interpreter's, whether or not a venv is active.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = dict(os.environ, PATH=path, MLFLOW_TRACKING_URI=uri, **{tracking.PARENT_ENV: parent.info.run_id})
+        code = subprocess.call([_DVC, "repro", *args], cwd=root, env=env)
+        mlflow.set_tag("dvc.exit_code", code)
+        metrics = _dvc_metrics(root)
+        if metrics:
+            mlflow.log_metrics(metrics)
+        if code:
+            mlflow.end_run(status="FAILED")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(repro(sys.argv[1:], Path.cwd()))

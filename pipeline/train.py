@@ -1,0 +1,118 @@
+"""The shared classification loop (teacher, retrained student): resume, epochs, evaluate, checkpoint.
+
+Optimizer and schedule come from timm's factories; the checkpoint after every epoch holds model,
+optimizer, epoch and the recipe, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline import checkpoint
+from pipeline.config import Recipe, as_dict
+from pipeline.data import Split, batches
+from pipeline.runtime import autocast, init_distributed, is_main, maybe_ddp, progress, unwrap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loop:
+    """How batches are produced: device, layout, precision, progress, seed."""
+
+    device: torch.device
+    meta: dict
+    seed: int = 0
+    amp: bool = False
+    channels_last: bool = True
+    show_progress: bool = True
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, loop: Loop, batch_size: int) -> dict[str, float]:
+    """Top-1 accuracy and cross-entropy over a whole split."""
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for x, y in batches(split, loop.meta, batch_size, loop.device, channels_last=loop.channels_last):
+        with autocast(loop.device, loop.amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    return {"acc": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+
+
+def _optimizer_and_schedule(model: nn.Module, recipe: Recipe, steps_per_epoch: int):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    kwargs = {"momentum": recipe.momentum} if recipe.opt in ("sgd", "momentum", "rmsprop", "rmsproptf") else {}
+    opt = create_optimizer_v2(model, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay, **kwargs)
+    sched, _ = create_scheduler_v2(opt, sched=recipe.sched, num_epochs=recipe.epochs,
+                                   warmup_epochs=recipe.warmup_epochs, min_lr=recipe.min_lr,
+                                   updates_per_epoch=steps_per_epoch, step_on_epochs=False)
+    return opt, sched
+
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, recipe: Recipe,
+                 loop: Loop, epoch: int, steps_per_epoch: int) -> dict[str, float]:
+    model.train()
+    rank, world = init_distributed()
+    loss_sum, n, start = torch.zeros(()), 0, time.perf_counter()
+    data = batches(train, loop.meta, recipe.batch_size, loop.device, shuffle=True, seed=loop.seed, epoch=epoch,
+                   rank=rank, world=world, augment_cfg=recipe.augment, channels_last=loop.channels_last)
+    for step, (x, y) in enumerate(progress(data, loop.show_progress, total=steps_per_epoch, desc=f"epoch {epoch}")):
+        with autocast(loop.device, loop.amp):
+            loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step_update(num_updates=epoch * steps_per_epoch + step + 1)
+        loss_sum += loss.detach().float() * len(y)  # no .item(): keeps the step free of syncs
+        n += len(y)
+    seconds = time.perf_counter() - start
+    return {"train/loss": float(loss_sum) / max(n, 1), "train/images_per_s": n * world / seconds,
+            "lr": opt.param_groups[0]["lr"]}
+
+
+def fit(model: nn.Module, train: Split, val: Split, recipe: Recipe, loop: Loop, ckpt_path: Path,
+        on_epoch: Optional[Callable[[int, dict], None]] = None) -> nn.Module:
+    """Train ``recipe.epochs`` epochs, resuming from ``ckpt_path``; returns the best-val-accuracy model."""
+    _, world = init_distributed()
+    steps = -(-len(train.labels) // (recipe.batch_size * world))
+    model = maybe_ddp(model, loop.device)
+    opt, sched = _optimizer_and_schedule(model, recipe, steps)
+    start, best = 0, {"acc": -1.0, "state": None}
+    if ckpt_path.is_file():
+        state = checkpoint.load(ckpt_path, rebuild=f"rm {ckpt_path} (a fresh run starts over)")
+        if state.get("recipe") == as_dict(recipe):
+            unwrap(model).load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start, best = state["epoch"] + 1, state["best"]
+            log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
+        else:
+            log.info("checkpoint %s was made with another recipe: starting over", ckpt_path)
+    for epoch in range(start, recipe.epochs):
+        metrics = _train_epoch(model, opt, sched, train, recipe, loop, epoch, steps)
+        metrics.update({f"val/{k}": v for k, v in evaluate(unwrap(model), val, loop, recipe.eval_batch_size).items()})
+        if metrics["val/acc"] > best["acc"]:
+            best = {"acc": metrics["val/acc"], "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}}
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if is_main():
+            checkpoint.save(ckpt_path, {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                                        "epoch": epoch, "best": best, "recipe": as_dict(recipe)})
+            if on_epoch:
+                on_epoch(epoch, metrics)
+    model = unwrap(model)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    return model

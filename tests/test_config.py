@@ -1,0 +1,45 @@
+import pytest
+
+from pipeline.config import ConfigError, Params, as_dict, load_params, validate
+from tests.conftest import REPO
+
+
+def test_defaults_load_and_match_schema():
+    p = load_params(root=REPO)
+    assert isinstance(p, Params)
+    assert len(p.teacher.boundaries) >= 3, "the default split must have at least 3 blocks"
+    assert list(p.space.blocks) == [f"b{i}" for i in range(len(p.teacher.boundaries))]
+
+
+def test_override_is_applied_and_coerced():
+    p = load_params(["teacher.train.epochs=2", "data.limit=500"], root=REPO)
+    assert p.teacher.train.epochs == 2 and p.data.limit == 500
+
+
+@pytest.mark.parametrize("override, words", [
+    (["teacher.train.epochs=abc"], ["teacher.train.epochs", "abc"]),
+    (["teacher.nosuch=1"], ["teacher.nosuch"]),
+    (["+teacher.nosuch=1"], ["nosuch"]),
+    (["data.name=mnist"], ["data.name", "mnist", "fashion_mnist"]),
+    (["data.val_fraction=1.5"], ["data.val_fraction", "1.5"]),
+    (["cache.dtype=int8"], ["cache.dtype", "float16"]),
+    (["runtime.device=tpu"], ["runtime.device", "tpu"]),
+    (["teacher.boundaries=[3,1]"], ["teacher.boundaries"]),
+])
+def test_bad_values_name_key_and_fix(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_params(override, root=REPO)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="params.yaml"):
+        load_params(root=tmp_path)
+
+
+def test_as_dict_round_trips_through_validate():
+    p = load_params(root=REPO)
+    assert validate(as_dict(p)) == p

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import Augment, Data
+from pipeline.data import DataError, augment, batches, load_meta, load_split, prepare, split_indices
+
+
+def test_prepare_fashion_mnist_idx(idx_dir, tmp_path):
+    out = tmp_path / "prepared"
+    meta = prepare(Data(root=str(idx_dir), val_fraction=0.2), seed=0, out_dir=out)
+    assert meta["sizes"] == {"train": 160, "val": 40, "test": 50}
+    assert meta["in_chans"] == 1 and meta["num_classes"] == 10 and len(meta["classes"]) == 10
+    train = load_split(out, "train")
+    assert train.images.dtype == np.uint8 and train.images.shape == (160, 1, 28, 28)
+    assert isinstance(train.images, np.memmap), "prepared images must be read memory-mapped"
+    assert load_meta(out) == meta
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    a_train, a_val = split_indices(1000, 0.1, seed=3)
+    b_train, b_val = split_indices(1000, 0.1, seed=3)
+    c_train, _ = split_indices(1000, 0.1, seed=4)
+    assert np.array_equal(a_train, b_train) and np.array_equal(a_val, b_val)
+    assert not np.array_equal(a_train, c_train)
+    assert len(a_val) == 100 and not set(a_train) & set(a_val)
+    assert sorted(np.concatenate([a_train, a_val])) == list(range(1000))
+
+
+def test_resize_and_limit(idx_dir, tmp_path):
+    meta = prepare(Data(root=str(idx_dir), image_size=16, limit=100, test_limit=10), seed=0, out_dir=tmp_path / "p")
+    assert meta["sizes"]["train"] + meta["sizes"]["val"] == 100 and meta["sizes"]["test"] == 10
+    assert load_split(tmp_path / "p", "test").images.shape[-2:] == (16, 16)
+
+
+def test_missing_data_says_three_ways(tmp_path):
+    with pytest.raises(DataError) as err:
+        prepare(Data(root=str(tmp_path / "nothing")), seed=0, out_dir=tmp_path / "p")
+    message = str(err.value)
+    assert "apt-get install dataset-fashion-mnist" in message and "data.root" in message
+    assert "data.download=true" in message
+
+
+def test_failed_prepare_keeps_previous_output(idx_dir, tmp_path):
+    out = tmp_path / "p"
+    prepare(Data(root=str(idx_dir)), seed=0, out_dir=out)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(DataError):
+        prepare(Data(root=str(tmp_path / "nothing")), seed=0, out_dir=out)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_image_folder_any_size(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(6):
+                size = (20 + i, 30)
+                Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / cls / f"{i}.png")
+    meta = prepare(Data(name="imagefolder", root=str(tmp_path / "imgs"), image_size=24, val_fraction=0.25),
+                   seed=0, out_dir=tmp_path / "p")
+    assert meta["classes"] == ["cat", "dog"] and meta["in_chans"] == 3
+    assert load_split(tmp_path / "p", "train").images.shape == (9, 3, 24, 24)
+
+
+def test_augment_is_seeded_and_shape_preserving():
+    x = torch.randn(8, 1, 28, 28)
+    cfg = Augment(hflip=True, pad_crop=2, erase_prob=0.5)
+    a = augment(x, cfg, torch.Generator().manual_seed(1))
+    b = augment(x, cfg, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_batches_shard_across_ranks(idx_dir, tmp_path):
+    prepare(Data(root=str(idx_dir)), seed=0, out_dir=tmp_path / "p")
+    split, meta = load_split(tmp_path / "p", "train"), load_meta(tmp_path / "p")
+    seen = [torch.cat([y for _, y in batches(split, meta, 16, torch.device("cpu"), shuffle=True, rank=r, world=2)])
+            for r in (0, 1)]
+    assert len(seen[0]) + len(seen[1]) == len(split.labels)
+    x, _ = next(batches(split, meta, 16, torch.device("cpu")))
+    assert abs(float(x.mean())) < 1.0 and x.dtype == torch.float32

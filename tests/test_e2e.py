@@ -1,0 +1,69 @@
+"""The whole DAG on the smoke overlay, in a temporary copy of the repository."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("smoke")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DNA_", "DVC_"))}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.smoke", str(dest)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return dest, env
+
+
+def dvc(dest, env, *args):
+    return subprocess.run([str(REPO / ".venv" / "bin" / "dvc"), *args], cwd=dest, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_lock_records_the_smoke_params(smoke):
+    dest, env = smoke
+    lock = (dest / "dvc.lock").read_text()
+    assert "limit: 600" in lock, "dvc.lock must describe the params the outputs were made with"
+    status = dvc(dest, env, "status", "--quiet")
+    assert status.returncode == 0, status.stdout
+
+
+def test_second_repro_does_nothing(smoke):
+    dest, env = smoke
+    proc = dvc(dest, env, "repro")
+    assert proc.returncode == 0
+    assert "Running stage" not in proc.stdout and "up to date" in proc.stdout
+
+
+def test_mlflow_holds_one_child_run_per_stage(smoke):
+    dest, env = smoke
+    stages = dvc(dest, env, "stage", "list", "--name-only").stdout.split()
+    client = mlflow.MlflowClient(f"sqlite:///{dest / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dna")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    assert len(parents) == 1 and parents[0].data.tags["dvc.exit_code"] == "0"
+    children = {r.data.tags["dvc.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")
+                == parents[0].info.run_id}
+    assert set(stages) <= set(children), f"stages without a run: {set(stages) - set(children)}"
+    for run in children.values():
+        assert run.info.status == "FINISHED"
+        assert {"stage", "block", "git.commit", "params.hash"} <= set(run.data.tags)
+    teacher = children["teacher"]
+    assert "val/acc" in teacher.data.metrics and client.get_metric_history(teacher.info.run_id, "train/loss")
+    assert "teacher.train.epochs" in teacher.data.params
+    assert any(k.startswith("teacher/") for k in parents[0].data.metrics), "dvc metrics belong on the parent"
+
+
+def test_main_workspace_untouched(smoke):
+    dest, _ = smoke
+    assert json.loads((dest / "data/prepared/meta.json").read_text())["sizes"]["train"] == 540
+    assert "limit: 0" in (REPO / "params.yaml").read_text()
