@@ -1,0 +1,590 @@
+"""Assembly: one candidate per block, minimising the summed block score under a params or FLOPs budget.
+
+DNA (Li et al., CVPR 2020, Sec. 3.4) ranks an architecture by the sum of its blocks' scores and
+searches the combinations with a depth-first traversal whose index-limit pruning is not exact
+(/work/shared/notes/dna-method.md, section 7). Because the objective and the cost are both sums over
+blocks, the problem is a multiple-choice knapsack, solved here exactly and for every budget at once:
+
+* each block is first reduced to its own Pareto set (cost vs score): a candidate that another one of
+  the same block beats on both cannot be part of any Pareto-optimal architecture;
+* the blocks' sets are merged one at a time (all pairwise sums, then the Pareto filter), so the last
+  merge is the complete front of the whole space, with no cost discretisation. Sums are formed in
+  block order, exactly as brute force forms them, so the front matches brute force bit for bit;
+* a budget is answered from the front by binary search; the k best architectures come from a
+  best-first search whose bound, the prefix fronts, is exact.
+
+Optuna (one categorical per block, TPE with the budget as a constraint, or NSGA-II on score and cost)
+is the alternative the product offers; its gap to the exact optimum is reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import heapq
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Search
+from pipeline.errors import PipelineError
+from pipeline.tracking import log_metrics
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("candidate", "score", "params", "flops")
+METRICS = ("params", "flops")
+TABLE_GLOB = "block_*.csv"
+REBUILD = "dvc repro score"
+_MAX_PAIRS = 1 << 21  # pairwise sums formed per merge chunk: bounds memory to a few tens of MB
+
+
+class AssemblyError(PipelineError):
+    """Unusable score tables or an unreachable budget; the message names the file, row or fix."""
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """One block's score table: a row per candidate."""
+
+    name: str  # the file name's stem (block_0), or the space's block name (b0) once matched to the space
+    candidates: tuple[str, ...]
+    score: np.ndarray
+    params: np.ndarray
+    flops: np.ndarray
+    source: str = ""  # the file it was read from, for error messages
+
+    def cost(self, metric: str) -> np.ndarray:
+        return self.params if metric == "params" else self.flops
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """block_2 before block_10; equal to plain file-name order while numbers have the same width."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def read_tables(scores_dir: Path | str) -> list[BlockTable]:
+    """Every ``block_*.csv`` of ``scores_dir``, in file-name order, validated row by row."""
+    scores_dir = Path(scores_dir)
+    if not scores_dir.is_dir():
+        raise AssemblyError(f"score tables folder {scores_dir} does not exist: build it with `{REBUILD}` "
+                            "or pass search.scores_dir=DIR")
+    paths = sorted(scores_dir.glob(TABLE_GLOB), key=_natural_key)
+    if not paths:
+        raise AssemblyError(f"{scores_dir} holds no {TABLE_GLOB} score tables: build them with `{REBUILD}` "
+                            "or pass search.scores_dir=DIR")
+    return [read_table(path) for path in paths]
+
+
+def read_table(path: Path | str) -> BlockTable:
+    """Parse one table; any bad cell raises one line naming the file and the line."""
+    path = Path(path)
+    fix = f"fix the file or rebuild it with `{REBUILD}`"
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        if not header:
+            raise AssemblyError(f"{path} is empty (no header line {','.join(COLUMNS)}): {fix}")
+        missing = [c for c in COLUMNS if c not in header]
+        if missing:
+            raise AssemblyError(f"{path} line 1: missing column(s) {', '.join(missing)} (header is "
+                                f"{','.join(header)}; needs {','.join(COLUMNS)}): {fix}")
+        ids: dict[str, int] = {}
+        values: dict[str, list[float]] = {c: [] for c in COLUMNS[1:]}
+        for row in reader:
+            line = reader.line_num
+            if None in row or None in row.values():
+                raise AssemblyError(f"{path} line {line}: expected {len(header)} fields like the header: {fix}")
+            cid = row["candidate"].strip()
+            if not cid:
+                raise AssemblyError(f"{path} line {line}: empty candidate id: {fix}")
+            if cid in ids:
+                raise AssemblyError(f"{path} line {line}: duplicate candidate id {cid!r} (first on line "
+                                    f"{ids[cid]}): {fix}")
+            ids[cid] = line
+            for column, column_values in values.items():
+                column_values.append(_number(path, line, column, row[column], fix))
+    if not ids:
+        raise AssemblyError(f"{path} has a header but no candidate rows (empty block): {fix}")
+    return BlockTable(name=path.stem, candidates=tuple(ids), source=str(path),
+                      **{c: np.asarray(v, dtype=np.float64) for c, v in values.items()})
+
+
+def _number(path: Path, line: int, column: str, text: str, fix: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise AssemblyError(f"{path} line {line}: {column} = {text!r} is not a finite number: {fix}")
+    if column != "score" and value < 0:
+        raise AssemblyError(f"{path} line {line}: {column} = {text!r} is negative: {fix}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- exact search
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One candidate per block: row indices into the blocks' tables, summed score, total cost."""
+
+    choice: tuple[int, ...]
+    score: float
+    cost: float
+
+
+@dataclass(frozen=True)
+class Front:
+    """The Pareto front: cost ascending, score strictly descending; ``choice[i]`` realises point i."""
+
+    cost: np.ndarray
+    score: np.ndarray
+    choice: np.ndarray  # (points, blocks) row indices
+
+
+@dataclass(frozen=True)
+class _Level:
+    """The Pareto front of the fixed parts plus blocks 0..j-1, with back-pointers to rebuild its points."""
+
+    cost: np.ndarray
+    score: np.ndarray
+    parent: np.ndarray  # index into the previous level's front
+    pick: np.ndarray  # row of block j-1
+
+
+def evaluate(costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed_cost: float,
+             choice: Sequence[int]) -> Architecture:
+    """Score and cost of one architecture, summed in block order (the order every method here uses)."""
+    score, cost = 0.0, float(fixed_cost)
+    for block, row in enumerate(choice):
+        score += float(scores[block][row])
+        cost += float(costs[block][row])
+    return Architecture(tuple(int(r) for r in choice), score, cost)
+
+
+def pareto_indices(cost: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated points, cost ascending; of equal points the first one is kept."""
+    order = np.lexsort((score, cost))  # stable: ties keep their input order
+    ordered = score[order]
+    best_before = np.concatenate(([np.inf], np.minimum.accumulate(ordered)[:-1]))
+    return order[ordered < best_before]
+
+
+def _merge(level: _Level, cost: np.ndarray, score: np.ndarray, rows: np.ndarray) -> _Level:
+    """Pareto front of (level's front) + (one block's points), in chunks to bound memory."""
+    step = max(1, _MAX_PAIRS // len(level.cost))
+    parts = []
+    for start in range(0, len(cost), step):
+        chunk = slice(start, start + step)
+        pair_cost = (level.cost[:, None] + cost[None, chunk]).ravel()
+        pair_score = (level.score[:, None] + score[None, chunk]).ravel()
+        keep = pareto_indices(pair_cost, pair_score)
+        parent, col = np.divmod(keep, len(cost[chunk]))
+        parts.append((pair_cost[keep], pair_score[keep], parent, rows[chunk][col]))
+    merged = [np.concatenate(p) for p in zip(*parts, strict=True)]
+    keep = pareto_indices(merged[0], merged[1])
+    return _Level(*(m[keep] for m in merged))
+
+
+class ExactSearch:
+    """Exact multiple-choice knapsack over blocks: the whole Pareto front, any budget, the k best.
+
+    Args:
+        costs: per block, each candidate's cost (params or FLOPs).
+        scores: per block, each candidate's score (lower is better).
+        fixed_cost: cost of the parts that are not searched (stem, head, fixed layers).
+    """
+
+    def __init__(self, costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed_cost: float = 0.0):
+        if not costs or len(costs) != len(scores):
+            raise ValueError("need one cost and one score array per block, at least one block")
+        self.costs = [np.asarray(c, dtype=np.float64) for c in costs]
+        self.scores = [np.asarray(s, dtype=np.float64) for s in scores]
+        self.fixed_cost = float(fixed_cost)
+        zero = np.zeros(1, dtype=np.int64)
+        self._levels = [_Level(np.array([self.fixed_cost]), np.zeros(1), zero, zero)]
+        for cost, score in zip(self.costs, self.scores, strict=True):
+            if cost.shape != score.shape or cost.ndim != 1 or not len(cost):
+                raise ValueError("every block needs matching, non-empty 1-d cost and score arrays")
+            rows = pareto_indices(cost, score)
+            self._levels.append(_merge(self._levels[-1], cost[rows], score[rows], rows))
+
+    @property
+    def cheapest(self) -> float:
+        return float(self._levels[-1].cost[0])
+
+    def front(self) -> Front:
+        """Every Pareto-optimal (cost, score) point with one architecture realising it."""
+        last = self._levels[-1]
+        choice = np.empty((len(last.cost), len(self.costs)), dtype=np.int64)
+        index = np.arange(len(last.cost))
+        for block in range(len(self.costs), 0, -1):
+            level = self._levels[block]
+            choice[:, block - 1] = level.pick[index]
+            index = level.parent[index]
+        return Front(last.cost.copy(), last.score.copy(), choice)
+
+    def best(self, budget: float | None = None) -> Architecture:
+        """The minimum summed score with total cost <= budget (None: no budget); ties go to the cheaper."""
+        self._check_budget(budget)
+        front = self.front()
+        point = len(front.cost) - 1 if budget is None else int(np.searchsorted(front.cost, budget, "right")) - 1
+        return evaluate(self.costs, self.scores, self.fixed_cost, front.choice[point])
+
+    def top_k(self, k: int, budget: float | None = None) -> list[Architecture]:
+        """The k lowest-score architectures within budget, best first (fewer if the space is smaller).
+
+        Best-first search assigning blocks from the last to the first; a partial assignment's bound is
+        its score plus the exact best completion, read from the prefix front of the unassigned blocks,
+        so every popped complete assignment is the next best. Children are pushed lazily in bound
+        order (one sibling at a time), so the work grows with k, not with the space.
+        """
+        self._check_budget(budget)
+        limit = math.inf if budget is None else float(budget)
+        # Sums formed back to front can differ from the block-order total in the last bits: prune with a
+        # little slack, then check each complete architecture's block-order cost against the budget.
+        scale = abs(self.fixed_cost) + sum(float(np.abs(c).max()) for c in self.costs) + abs(limit)
+        slack = 0.0 if budget is None else 1e-9 * scale
+        heap: list[tuple[float, int, int, int]] = []  # (bound, tie-breaker, expansion, rank among its children)
+        expansions: list[tuple[int, tuple[int, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        tie = itertools.count()
+
+        def expand(block: int, suffix: tuple[int, ...], cost: float, score: float) -> None:
+            prefix = self._levels[block]  # front of the fixed parts and the blocks before `block`
+            child_cost, child_score = cost + self.costs[block], score + self.scores[block]
+            point = np.searchsorted(prefix.cost, limit - child_cost + slack, "right") - 1
+            rows = np.flatnonzero(point >= 0)
+            if len(rows):
+                bound = child_score[rows] + prefix.score[point[rows]]
+                order = np.argsort(bound, kind="stable")
+                expansions.append((block, suffix, rows[order], bound[order], child_cost, child_score))
+                heapq.heappush(heap, (bound[order[0]], next(tie), len(expansions) - 1, 0))
+
+        expand(len(self.costs) - 1, (), 0.0, 0.0)
+        found: list[Architecture] = []
+        while heap and len(found) < k:
+            _, _, e, rank = heapq.heappop(heap)
+            block, suffix, rows, bound, child_cost, child_score = expansions[e]
+            if rank + 1 < len(rows):
+                heapq.heappush(heap, (bound[rank + 1], next(tie), e, rank + 1))
+            row = int(rows[rank])
+            if block == 0:
+                arch = evaluate(self.costs, self.scores, self.fixed_cost, (row, *suffix))
+                if arch.cost <= limit:
+                    found.append(arch)
+            else:
+                expand(block - 1, (row, *suffix), float(child_cost[row]), float(child_score[row]))
+        return found
+
+    def _check_budget(self, budget: float | None) -> None:
+        if budget is not None and budget < self.cheapest:
+            raise AssemblyError(f"budget {budget:g} is infeasible: the cheapest architecture costs "
+                                f"{self.cheapest:g} (fixed parts included); set search.budget >= "
+                                f"{self.cheapest:g}, or 0 for no budget")
+
+
+# ---------------------------------------------------------------------------------------------- Optuna
+
+
+@dataclass(frozen=True)
+class OptunaResult:
+    best: Architecture | None  # best feasible trial; None if no trial met the budget
+    trials: int  # finished trials in the study (all workers)
+    feasible: int
+    history: np.ndarray  # (trials, 3): cost, score, feasible (1/0), in trial order
+
+
+class MlflowTrialLogger:
+    """Optuna callback: each finished trial becomes one step of the active MLflow run (the stage's run).
+
+    Our own few lines instead of optuna-integration's MLflowCallback (deprecated since 4.9, removal
+    planned for 6.0); one step per trial rather than one nested run per trial keeps the UI readable.
+    """
+
+    def __init__(self, names: Sequence[str], choices: Sequence[Sequence[str]]):
+        self._index = {name: {c: i for i, c in enumerate(ids)} for name, ids in zip(names, choices, strict=True)}
+        self._best = math.inf
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        if trial.values is None:
+            return
+        feasible = _feasible(trial)
+        if feasible:
+            self._best = min(self._best, trial.values[0])
+        metrics = {"optuna/score": trial.values[0], "optuna/cost": trial.user_attrs["cost"],
+                   "optuna/feasible": float(feasible)}
+        if math.isfinite(self._best):
+            metrics["optuna/best_score"] = self._best
+        metrics.update({f"optuna/choice/{name}": self._index[name][value]
+                        for name, value in trial.params.items() if name in self._index})
+        log_metrics(metrics, step=trial.number)
+
+
+def _feasible(trial: Any) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def _storage(storage: str) -> Any:
+    """``""``: in memory; a URL (``sqlite:///abs/path.db``): RDB; anything else: a journal file path."""
+    if not storage:
+        return None
+    if "://" in storage:
+        return storage
+    import optuna
+
+    path = Path(storage)
+    if not path.parent.is_dir():
+        raise AssemblyError(f"search.storage={storage}: folder {path.parent} does not exist")
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def study_name(blocks: Sequence[BlockTable], metric: str, budget: float | None, fixed_cost: float,
+               sampler: str, seed: int) -> str:
+    """Workers sharing a storage join the same study only when they solve the same problem."""
+    digest = hashlib.sha256(repr((metric, budget, fixed_cost, sampler, seed)).encode())
+    for b in blocks:
+        digest.update(repr((b.name, b.candidates)).encode())
+        for array in (b.score, b.params, b.flops):
+            digest.update(array.tobytes())
+    return f"dna-assemble-{digest.hexdigest()[:12]}"
+
+
+def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | None, fixed_cost: float,
+                  trials: int, sampler: str = "tpe", seed: int = 0, storage: str = "",
+                  callbacks: Sequence[Callable[[Any, Any], None]] = ()) -> OptunaResult:
+    """Search with Optuna until the study holds ``trials`` finished trials (resuming a stored study).
+
+    ``tpe``: one objective, the summed score, with ``cost - budget <= 0`` as a constraint.
+    ``nsga2``: two objectives, score and cost, with the same constraint. The first trial is the cheapest
+    architecture, so every study has a feasible trial whenever one exists. A worker that joins or resumes
+    a stored study seeds its sampler with ``seed`` plus the trials already there, so workers differ.
+    """
+    import optuna
+
+    costs = [b.cost(metric) for b in blocks]
+    scores = [b.score for b in blocks]
+    index = [{c: i for i, c in enumerate(b.candidates)} for b in blocks]
+    state = optuna.trial.TrialState.COMPLETE
+
+    def objective(trial: Any) -> Any:
+        choice = [index[i][trial.suggest_categorical(b.name, list(b.candidates))] for i, b in enumerate(blocks)]
+        arch = evaluate(costs, scores, fixed_cost, choice)
+        trial.set_user_attr("cost", arch.cost)
+        if budget is not None:
+            trial.set_constraint("budget", arch.cost - budget)
+        return arch.score if sampler == "tpe" else (arch.score, arch.cost)
+
+    study = optuna.create_study(storage=_storage(storage), load_if_exists=True,
+                                study_name=study_name(blocks, metric, budget, fixed_cost, sampler, seed),
+                                directions=["minimize"] if sampler == "tpe" else ["minimize", "minimize"])
+    done = len(study.get_trials(deepcopy=False, states=(state,)))
+    worker_seed = seed + len(study.get_trials(deepcopy=False))
+    study.sampler = (optuna.samplers.TPESampler(seed=worker_seed) if sampler == "tpe"
+                     else optuna.samplers.NSGAIISampler(seed=worker_seed))
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial({b.name: b.candidates[int(np.argmin(c))] for b, c in zip(blocks, costs, strict=True)})
+    if done < trials:
+        study.optimize(objective, n_trials=trials - done,
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=(state,)), *callbacks])
+    finished = study.get_trials(deepcopy=False, states=(state,))
+    history = np.array([(t.user_attrs["cost"], t.values[0], _feasible(t)) for t in finished], dtype=np.float64)
+    feasible = [t for t in finished if _feasible(t)]
+    best = None
+    if feasible:
+        top = min(feasible, key=lambda t: (t.values[0], t.user_attrs["cost"], t.number))
+        best = evaluate(costs, scores, fixed_cost, [index[i][top.params[b.name]] for i, b in enumerate(blocks)])
+    return OptunaResult(best, len(finished), len(feasible), history.reshape(-1, 3))
+
+
+def relative_gap(found: float, optimum: float) -> float:
+    """(found - optimum) / |optimum|: 0.02 means 2% worse than the exact optimum."""
+    return (found - optimum) / abs(optimum) if optimum else found - optimum
+
+
+# ---------------------------------------------------------------------------------------------- synthetic tables
+
+_OPS = tuple((k, e) for k in (3, 5, 7) for e in (3, 6))  # DNA's MBConv ops: kernel x expansion
+
+
+def synthetic_tables(layers: Sequence[int] = (2, 3, 3, 2), widths: Sequence[int] = (16, 32, 64, 128),
+                     sizes: Sequence[int] = (14, 7, 4, 2), seed: int = 0) -> list[BlockTable]:
+    """Score tables shaped like a search space, for tests and benchmarks (defaults: the default config).
+
+    A candidate is one op per layer (6**layers per block, e.g. 36, 216, 216, 36). Costs follow an
+    MBConv count (expand + depthwise + project, per layer at the block's width and map size); the
+    score is a per-block base (0.3-0.8), about 15% lower for the largest candidate than for the
+    smallest (log-cost trend), plus noise of 3% of the base, the pattern real block scores show
+    (bigger candidates score better, /work/shared/notes/ranking-lessons.md, lesson 3).
+    """
+    rng = np.random.default_rng(seed)
+    tables = []
+    for b, (n_layers, width, size) in enumerate(zip(layers, widths, sizes, strict=True)):
+        combos = np.array(np.meshgrid(*[np.arange(len(_OPS))] * n_layers, indexing="ij")).reshape(n_layers, -1).T
+        op_params = np.array([width * width * e * 2 + width * e * k * k for k, e in _OPS], dtype=np.float64)
+        params = op_params[combos].sum(axis=1)
+        flops = params * size * size
+        size_rank = (np.log(params) - np.log(params.min())) / max(np.log(params.max() / params.min()), 1e-12)
+        base = rng.uniform(0.3, 0.8)
+        score = base * (1 - 0.15 * size_rank) + rng.normal(0, 0.03 * base, len(params))
+        names = tuple("-".join(f"k{_OPS[o][0]}e{_OPS[o][1]}" for o in combo) for combo in combos)
+        tables.append(BlockTable(f"b{b}", names, score, params, flops))
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------- the stage's work
+
+
+@dataclass(frozen=True)
+class Result:
+    tables: list[BlockTable]
+    metric: str
+    budget: float | None
+    fixed: dict[str, float]  # the fixed parts' cost per metric (params, flops)
+    front: Front
+    exact: Architecture  # the exact optimum for the budget
+    top: list[Architecture]  # the search.top_k best, exact
+    chosen: Architecture  # the exact optimum, or Optuna's best feasible trial
+    optuna: OptunaResult | None
+    exact_seconds: float
+
+
+def match_space(tables: Sequence[BlockTable], spec: Any) -> list[BlockTable]:
+    """Check the tables against the search space (``pipeline.space.SpaceSpec``) and name them like its blocks.
+
+    Catches stale or foreign tables before the search: the files must be ``block_<index>.csv`` for exactly
+    the space's blocks, and every candidate id must be one of the block's.
+    """
+    expected = [f"block_{b.index}" for b in spec.blocks]
+    if [t.name for t in tables] != expected:
+        raise AssemblyError(f"score tables {[t.name for t in tables]} do not match the search space's blocks "
+                            f"{expected}: rebuild them with `{REBUILD}`")
+    for table, block in zip(tables, spec.blocks, strict=True):
+        for cid in table.candidates:
+            try:
+                block.parse(cid)
+            except ValueError as err:
+                raise AssemblyError(f"{table.source}: {err}: rebuild it with `{REBUILD}`") from None
+    return [replace(t, name=b.name) for t, b in zip(tables, spec.blocks, strict=True)]
+
+
+def assemble(tables: Sequence[BlockTable], search: Search, fixed: Mapping[str, float]) -> Result:
+    """The exact front, optimum and top-k for ``search.budget``, in milliseconds: an unreachable budget fails
+    here, before any tracking run or Optuna trial starts."""
+    budget = search.budget or None
+    start = time.perf_counter()
+    exact = ExactSearch([t.cost(search.metric) for t in tables], [t.score for t in tables], fixed[search.metric])
+    best = exact.best(budget)
+    front, top = exact.front(), exact.top_k(search.top_k, budget)
+    seconds = time.perf_counter() - start
+    log.info("exact search: %d Pareto points, optimum %.6f at %s %g, in %.3f s", len(front.cost), best.score,
+             search.metric, best.cost, seconds)
+    return Result(list(tables), search.metric, budget, dict(fixed), front, best, top, best, None, seconds)
+
+
+def add_optuna(result: Result, search: Search, seed: int,
+               callbacks: Sequence[Callable[[Any, Any], None]] = ()) -> Result:
+    """Run Optuna on the same problem; its best feasible trial becomes the chosen architecture."""
+    found = optuna_search(result.tables, result.metric, result.budget, result.fixed[result.metric], search.trials,
+                          search.sampler, seed, search.storage, callbacks)
+    assert found.best is not None, "the cheapest architecture is always enqueued, so a feasible trial exists"
+    log.info("optuna (%s, %d trials): %.6f, %.2f%% above the exact optimum", search.sampler, found.trials,
+             found.best.score, 100 * relative_gap(found.best.score, result.exact.score))
+    return replace(result, chosen=found.best, optuna=found)
+
+
+def summary(result: Result, arch: Callable[[dict[str, str]], Any] | None = None) -> dict[str, Any]:
+    """The content of ``architecture.json``; ``arch`` maps {block: candidate} to timm arch strings."""
+
+    def describe(a: Architecture) -> dict[str, Any]:
+        totals = {m: _plain(evaluate([t.cost(m) for t in result.tables], [t.score for t in result.tables],
+                                     result.fixed[m], a.choice).cost) for m in METRICS}
+        return {"candidates": [t.candidates[r] for t, r in zip(result.tables, a.choice, strict=True)],
+                "score": a.score, **totals}
+
+    out: dict[str, Any] = {**describe(result.chosen), "blocks": [t.name for t in result.tables],
+                           "metric": result.metric, "budget": None if result.budget is None else _plain(result.budget),
+                           "fixed_cost": {m: _plain(v) for m, v in result.fixed.items()},
+                           "method": "exact" if result.optuna is None else "optuna"}
+    if arch is not None:
+        out["arch"] = arch(dict(zip(out["blocks"], out["candidates"], strict=True)))
+    out["top_k"] = [describe(a) for a in result.top]
+    if result.optuna is not None:
+        out["exact"] = describe(result.exact)
+        out["optuna"] = {"trials": result.optuna.trials, "feasible_trials": result.optuna.feasible,
+                         "gap": relative_gap(result.chosen.score, result.exact.score)}
+    return out
+
+
+def write_outputs(out_dir: Path, result: Result, content: Mapping[str, Any]) -> list[Path]:
+    """``architecture.json``, ``pareto.csv`` and ``pareto.png``, each written to a temporary name first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {
+        "architecture.json": lambda p: p.write_text(json.dumps(content, indent=2) + "\n"),
+        "pareto.csv": lambda p: write_front(p, result.front, result.tables),
+        "pareto.png": lambda p: plot_front(p, result.front, result.chosen, result.metric, result.budget,
+                                           None if result.optuna is None else result.optuna.history),
+    }
+    paths = []
+    for name, write in writers.items():
+        tmp = out_dir / f".{name}.tmp{Path(name).suffix}"  # matplotlib picks the format from the suffix
+        write(tmp)
+        os.replace(tmp, out_dir / name)
+        paths.append(out_dir / name)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def write_front(path: Path, front: Front, blocks: Sequence[BlockTable]) -> None:
+    """``cost,score,<block>...``: one row per Pareto point, the `dvc plots` source of the stage."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cost", "score", *[b.name for b in blocks]])
+        for cost, score, choice in zip(front.cost, front.score, front.choice, strict=True):
+            writer.writerow([_plain(cost), repr(float(score)), *[b.candidates[r] for b, r in zip(blocks, choice, strict=True)]])
+
+
+def _plain(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def plot_front(path: Path, front: Front, chosen: Architecture, metric: str, budget: float | None,
+               trials: np.ndarray | None = None) -> None:
+    """The front as a step line, Optuna's trials (if any) as dots, the chosen architecture as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if trials is not None and len(trials):
+        ok = trials[:, 2] > 0
+        ax.scatter(trials[ok, 0], trials[ok, 1], s=6, c="tab:gray", alpha=0.5, label="Optuna trials (feasible)")
+        ax.scatter(trials[~ok, 0], trials[~ok, 1], s=6, c="tab:red", alpha=0.3, label="Optuna trials (over budget)")
+    ax.step(front.cost, front.score, where="post", c="tab:blue", lw=1)
+    ax.scatter(front.cost, front.score, s=8, c="tab:blue", label=f"Pareto front ({len(front.cost)} points)")
+    if budget is not None:
+        ax.axvline(budget, c="k", ls="--", lw=0.8, label=f"budget {budget:g}")
+    ax.scatter([chosen.cost], [chosen.score], marker="*", s=220, c="tab:orange", edgecolors="k", zorder=5,
+               label=f"chosen: score {chosen.score:.4f}, {metric} {chosen.cost:g}")
+    ax.set_xlabel(f"total {metric}")
+    ax.set_ylabel("summed block score (lower is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
