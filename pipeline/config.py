@@ -123,13 +123,13 @@ class Space:
 class Supernet:
     epochs: int = 5
     batch_size: int = 128
-    opt: str = "adam"
-    lr: float = 2e-3
+    opt: str = "adam"  # any timm optimizer name
+    lr: float = 1e-2  # DNA's 2e-3..5e-3 is for 20 ImageNet epochs; ours are a few hundred steps
     lr_decay: float = 0.9  # per epoch, as in DNA
     weight_decay: float = 1e-4
     sampler: str = "uniform"  # uniform | fair
-    target_norm: bool = False  # standardise teacher targets per channel
-    train_samples: int = 0  # train samples per epoch (a fixed seeded subset); 0 = all
+    target_norm: bool = True  # standardise teacher targets per channel (ranking-lessons #4)
+    train_samples: int = 12000  # train samples per epoch, drawn afresh each epoch; 0 = the whole split
     val_samples: int = 2048  # val samples for the per-epoch val loss
     val_paths: int = 4  # fixed random paths averaged for the val loss (their spread is logged)
 
@@ -156,6 +156,28 @@ class Search:
 
 
 @dataclass
+class Retrain:
+    """Retraining the searched student (DNA Sec. 4), its export and its registry entry."""
+
+    train: Recipe = field(default_factory=Recipe)
+    kd_weight: float = 0.0  # loss = (1 - w) * CE + w * T^2 * KL(teacher || student); 0 = no teacher
+    kd_temperature: float = 4.0
+    init: str = "scratch"  # scratch | supernet (the chosen paths' supernet weights where shapes match)
+    ema: float = 0.0  # decay of a timm ModelEmaV3 of the weights, selected on val; 0 = off
+    drop_path: float = 0.0  # stochastic depth over the MBConv blocks
+    drop_rate: float = 0.0  # dropout before the classifier
+    onnx: bool = False  # also export model.onnx, checked against onnxruntime (needs the onnx extra)
+    registry_name: str = "dna-student"  # MLflow registered model; "" = neither log nor register the model
+
+
+@dataclass
+class Report:
+    latency_batches: List[int] = field(default_factory=lambda: [1, 256])  # CPU latency per batch size
+    latency_repeats: int = 20  # timed forwards per batch size (the median is reported)
+    latency_threads: int = 1  # torch threads while timing: 1 is steadier on a shared machine
+
+
+@dataclass
 class Tracking:
     experiment: str = "dna"
 
@@ -171,6 +193,8 @@ class Params:
     supernet: Supernet = field(default_factory=Supernet)
     score: Score = field(default_factory=Score)
     search: Search = field(default_factory=Search)
+    retrain: Retrain = field(default_factory=Retrain)
+    report: Report = field(default_factory=Report)
     tracking: Tracking = field(default_factory=Tracking)
 
 
@@ -268,9 +292,12 @@ def _check(p: Params) -> None:
              "null (from the search space) or a cost >= 0")
     _require(p.search.trials >= 1, "search.trials", p.search.trials, "must be >= 1")
     _check_search_space(p)
+    _check_retrain(p)
 
 
 def _check_search_space(p: Params) -> None:
+    from timm.optim import list_optimizers
+
     from pipeline.space import check_space  # lazy: the op registry imports torch and timm
 
     check_space(p.space, len(p.teacher.boundaries))
@@ -281,8 +308,24 @@ def _check_search_space(p: Params) -> None:
     _require(0 < s.lr_decay <= 1, "supernet.lr_decay", s.lr_decay, "must be in (0, 1] (1 = constant lr)")
     _require(s.weight_decay >= 0, "supernet.weight_decay", s.weight_decay, "must be >= 0")
     _require(s.sampler in ("uniform", "fair"), "supernet.sampler", s.sampler, "uniform or fair")
+    _require(s.opt in list_optimizers(), "supernet.opt", s.opt, "a timm optimizer name, e.g. adam, adamw, sgd")
     _require(s.train_samples >= 0, "supernet.train_samples", s.train_samples, "must be >= 0 (0 = all)")
     _require(s.val_samples > 0, "supernet.val_samples", s.val_samples, "must be > 0")
     _require(s.val_paths > 0, "supernet.val_paths", s.val_paths, "must be > 0")
     for key in ("batches", "batch_size", "bn_batch_size"):
         _require(getattr(c, key) > 0, f"score.{key}", getattr(c, key), "must be > 0")
+
+
+def _check_retrain(p: Params) -> None:
+    r, rep = p.retrain, p.report
+    _check_recipe("retrain.train", r.train)
+    _require(0 <= r.kd_weight <= 1, "retrain.kd_weight", r.kd_weight, "must be in [0, 1] (0 = no distillation)")
+    _require(r.kd_temperature > 0, "retrain.kd_temperature", r.kd_temperature, "must be > 0")
+    _require(r.init in ("scratch", "supernet"), "retrain.init", r.init, "scratch or supernet")
+    _require(0 <= r.ema < 1, "retrain.ema", r.ema, "must be in [0, 1) (0 = off, e.g. 0.999)")
+    _require(0 <= r.drop_path < 1, "retrain.drop_path", r.drop_path, "must be in [0, 1)")
+    _require(0 <= r.drop_rate < 1, "retrain.drop_rate", r.drop_rate, "must be in [0, 1)")
+    _require(bool(rep.latency_batches) and min(rep.latency_batches) >= 1, "report.latency_batches",
+             list(rep.latency_batches), "a non-empty list of batch sizes >= 1")
+    _require(rep.latency_repeats >= 1, "report.latency_repeats", rep.latency_repeats, "must be >= 1")
+    _require(rep.latency_threads >= 0, "report.latency_threads", rep.latency_threads, "must be >= 0 (0 = all cores)")

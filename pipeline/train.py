@@ -1,7 +1,8 @@
 """The shared classification loop (teacher, retrained student): resume, epochs, evaluate, checkpoint.
 
 Optimizer and schedule come from timm's factories; the checkpoint after every epoch holds model,
-optimizer, epoch and the recipe, so a killed run resumes where it stopped.
+optimizer, epoch, the recipe and a caller's fingerprint, so a killed run resumes where it stopped. Callers
+may swap the loss (knowledge distillation) and keep a timm EMA of the weights (the retrained student).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.data import Split, batches
 from pipeline.runtime import autocast, init_distributed, is_main, maybe_ddp, progress, unwrap
 
 log = logging.getLogger(__name__)
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
 
 
 @dataclass
@@ -63,7 +65,8 @@ def _optimizer_and_schedule(model: nn.Module, recipe: Recipe, steps_per_epoch: i
 
 
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, recipe: Recipe,
-                 loop: Loop, epoch: int, steps_per_epoch: int) -> dict[str, float]:
+                 loop: Loop, epoch: int, steps_per_epoch: int, loss_fn: Optional[LossFn] = None,
+                 ema: Optional[nn.Module] = None) -> dict[str, float]:
     model.train()
     rank, world = init_distributed()
     loss_sum, n, start = torch.zeros(()), 0, time.perf_counter()
@@ -71,11 +74,16 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Spl
                    rank=rank, world=world, augment_cfg=recipe.augment, channels_last=loop.channels_last)
     for step, (x, y) in enumerate(progress(data, loop.show_progress, total=steps_per_epoch, desc=f"epoch {epoch}")):
         with autocast(loop.device, loop.amp):
-            loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+            logits = model(x)
+            loss = (loss_fn(logits, x, y) if loss_fn is not None
+                    else F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step_update(num_updates=epoch * steps_per_epoch + step + 1)
+        updates = epoch * steps_per_epoch + step + 1
+        sched.step_update(num_updates=updates)
+        if ema is not None:
+            ema.update(unwrap(model), step=updates)
         loss_sum += loss.detach().float() * len(y)  # no .item(): keeps the step free of syncs
         n += len(y)
     seconds = time.perf_counter() - start
@@ -84,8 +92,14 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Spl
 
 
 def fit(model: nn.Module, train: Split, val: Split, recipe: Recipe, loop: Loop, ckpt_path: Path,
-        on_epoch: Optional[Callable[[int, dict], None]] = None) -> nn.Module:
-    """Train ``recipe.epochs`` epochs, resuming from ``ckpt_path``; returns the best-val-accuracy model."""
+        on_epoch: Optional[Callable[[int, dict], None]] = None, *, loss_fn: Optional[LossFn] = None,
+        ema: Optional[nn.Module] = None, fingerprint: str = "") -> nn.Module:
+    """Train ``recipe.epochs`` epochs, resuming from ``ckpt_path``; returns the best-val-accuracy model.
+
+    ``loss_fn`` replaces the label-smoothed cross-entropy; ``ema`` (a timm ``ModelEmaV3`` of ``model``) is updated
+    every step and is what gets evaluated and selected; a checkpoint is resumed only under the same recipe and
+    ``fingerprint`` (what else defines the run: architecture, loss, initialisation).
+    """
     _, world = init_distributed()
     steps = -(-len(train.labels) // (recipe.batch_size * world))
     model = maybe_ddp(model, loop.device)
@@ -93,23 +107,29 @@ def fit(model: nn.Module, train: Split, val: Split, recipe: Recipe, loop: Loop, 
     start, best = 0, {"acc": -1.0, "state": None}
     if ckpt_path.is_file():
         state = checkpoint.load(ckpt_path, rebuild=f"rm {ckpt_path} (a fresh run starts over)")
-        if state.get("recipe") == as_dict(recipe):
+        if state.get("recipe") == as_dict(recipe) and state.get("fingerprint", "") == fingerprint:
             unwrap(model).load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.module.load_state_dict(state["ema"])
             start, best = state["epoch"] + 1, state["best"]
             log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
         else:
-            log.info("checkpoint %s was made with another recipe: starting over", ckpt_path)
+            log.info("checkpoint %s was made with another recipe or fingerprint: starting over", ckpt_path)
     for epoch in range(start, recipe.epochs):
-        metrics = _train_epoch(model, opt, sched, train, recipe, loop, epoch, steps)
-        metrics.update({f"val/{k}": v for k, v in evaluate(unwrap(model), val, loop, recipe.eval_batch_size).items()})
+        metrics = _train_epoch(model, opt, sched, train, recipe, loop, epoch, steps, loss_fn, ema)
+        selected = ema.module if ema is not None else unwrap(model)
+        metrics.update({f"val/{k}": v for k, v in evaluate(selected, val, loop, recipe.eval_batch_size).items()})
         if metrics["val/acc"] > best["acc"]:
             best = {"acc": metrics["val/acc"], "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}}
+                    "state": {k: v.detach().clone() for k, v in selected.state_dict().items()}}
         log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if is_main():
-            checkpoint.save(ckpt_path, {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                        "epoch": epoch, "best": best, "recipe": as_dict(recipe)})
+            state = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                     "best": best, "recipe": as_dict(recipe), "fingerprint": fingerprint}
+            if ema is not None:
+                state["ema"] = ema.module.state_dict()
+            checkpoint.save(ckpt_path, state)
             if on_epoch:
                 on_epoch(epoch, metrics)
     model = unwrap(model)

@@ -1,0 +1,194 @@
+"""The closing report: teacher vs searched student (accuracy, params, FLOPs, CPU latency), the Pareto front with the
+chosen point, the per-block supernet loss curves and both training curves, as ``metrics/summary.json`` for
+``dvc metrics show/diff`` and a Markdown page with PNG figures that reads offline.
+
+Costs of both models come from the search space's one counter (``pipeline.space.module_cost``: parameters and
+multiply-accumulates), the counter the budget was enforced with (dna-method notes, check 10).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import statistics
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.assembly import Architecture, Front, plot_front
+
+FIGURES = {"pareto": "pareto.png", "supernet": "supernet_loss.png", "training": "training.png"}
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def latency_ms(models: Mapping[str, nn.Module], shape: Sequence[int], batches: Sequence[int], repeats: int,
+               threads: int = 1, channels_last: bool = True) -> dict[str, dict[int, float]]:
+    """Median milliseconds per forward, per model and batch size.
+
+    Models take turns on every repetition, so load from other processes on a shared machine hits them alike and
+    their ratio stays meaningful even when the absolute numbers drift.
+    """
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    models = {name: m.eval().to(memory_format=layout) for name, m in models.items()}
+    out: dict[str, dict[int, float]] = {name: {} for name in models}
+    with _threads(threads):
+        for batch in batches:
+            x = torch.randn(batch, *shape).contiguous(memory_format=layout)
+            times: dict[str, list[float]] = {name: [] for name in models}
+            for round_ in range(repeats + 2):  # two warm-up rounds
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model(x)
+                    if round_ >= 2:
+                        times[name].append(1e3 * (time.perf_counter() - start))
+            for name in models:
+                out[name][batch] = statistics.median(times[name])
+    return out
+
+
+def read_rows(path: Path) -> list[dict[str, float]]:
+    """A per-epoch CSV (DVC plots format) as float rows; a missing file reads as no rows."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def summarize(teacher: Mapping[str, float], student: Mapping[str, float], architecture: Mapping[str, Any],
+              front_points: int) -> dict[str, Any]:
+    """``metrics/summary.json``: both models side by side, the student/teacher ratios, the search result.
+
+    ``teacher`` and ``student`` hold test_acc, val_acc, params, flops and latency_ms_b<batch> entries.
+    """
+    ratio = {"params": student["params"] / teacher["params"], "flops": student["flops"] / teacher["flops"],
+             "test_acc_delta": student["test_acc"] - teacher["test_acc"]}
+    ratio.update({f"speedup_{k.removeprefix('latency_ms_')}": teacher[k] / student[k]
+                  for k in teacher if k.startswith("latency_ms_") and k in student})
+    search = {"metric": architecture.get("metric"), "budget": architecture.get("budget") or 0,
+              "score": architecture.get("score"), "front_points": front_points}
+    return {"teacher": dict(teacher), "student": dict(student), "student_vs_teacher": ratio, "search": search}
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_front(path: Path) -> Front:
+    """``artifacts/search/pareto.csv`` (cost, score, one candidate column per block) as a front to plot."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [(float(r["cost"]), float(r["score"])) for r in csv.DictReader(f)]
+    cost, score = (np.array(c, dtype=np.float64) for c in zip(*rows, strict=True)) if rows else (np.zeros(0),) * 2
+    return Front(cost, score, np.zeros((len(rows), 0), dtype=np.int64))
+
+
+def plot_pareto(path: Path, front: Front, architecture: Mapping[str, Any]) -> None:
+    """The assembly's own figure, redrawn from pareto.csv, with the chosen architecture as a star."""
+    metric = architecture.get("metric", "params")
+    chosen = Architecture((), float(architecture.get("score", 0.0)), float(architecture.get(metric, 0.0)))
+    plot_front(path, front, chosen, metric, architecture.get("budget"))
+
+
+def plot_supernet(path: Path, curves: Mapping[str, list[dict[str, float]]]) -> None:
+    """Per block: train (dashed) and val (solid) MSE of the supernet per epoch."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (block, rows) in enumerate(sorted(curves.items())):
+        color = f"C{i}"
+        epochs = [r["epoch"] for r in rows]
+        ax.plot(epochs, [r["val_loss"] for r in rows], c=color, marker="o", ms=3, label=f"{block} val")
+        if all("train_loss" in r for r in rows):
+            ax.plot(epochs, [r["train_loss"] for r in rows], c=color, ls="--", lw=1, label=f"{block} train")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("block MSE to the teacher's features")
+    ax.set_title("Supernet training per block")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training(path: Path, curves: Mapping[str, list[dict[str, float]]]) -> None:
+    """Val accuracy per epoch of the teacher and the retrained student."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in curves.items():
+        if rows:
+            ax.plot([r["epoch"] + 1 for r in rows], [r["val/acc"] for r in rows], marker="o", ms=3, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- markdown
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown(summary: Mapping[str, Any], architecture: Mapping[str, Any], names: Mapping[str, str],
+             figures: Mapping[str, bool]) -> str:
+    """The report page; figures are linked by relative path, so the folder reads offline as it is."""
+    t, s, r = summary["teacher"], summary["student"], summary["student_vs_teacher"]
+    keys = ["test_acc", "val_acc", "params", "flops", *sorted(k for k in t if k.startswith("latency_ms_"))]
+    lines = ["# DNA report: teacher vs searched student", "",
+             f"Teacher `{names['teacher']}`; student `{names['student']}` (timm EfficientNet built from the searched "
+             f"arch strings). FLOPs are multiply-accumulates; latency is the median CPU time of one forward.", "",
+             "| | teacher | student | student / teacher |", "|---|---:|---:|---:|"]
+    ratios = {"params": r["params"], "flops": r["flops"], "test_acc": r["test_acc_delta"]}
+    ratios.update({f"latency_ms_{k.removeprefix('speedup_')}": 1 / v for k, v in r.items() if k.startswith("speedup_")})
+    for key in keys:
+        rel = ratios.get(key)
+        rel_text = "" if rel is None else (f"{rel:+.4f} (delta)" if key == "test_acc" else f"{rel:.3f}")
+        lines.append(f"| {key} | {_fmt(t.get(key, ''))} | {_fmt(s.get(key, ''))} | {rel_text} |")
+    search = summary["search"]
+    lines += ["", "## Searched architecture", "",
+              f"Summed block score {_fmt(search['score'])}, {search['metric']} budget "
+              f"{_fmt(search['budget']) if search['budget'] else 'none'}, {search['front_points']} Pareto points.", "",
+              "| block | candidate | timm arch strings |", "|---|---|---|"]
+    arch = architecture.get("arch") or [[] for _ in architecture.get("candidates", [])]
+    blocks = architecture.get("blocks") or [f"b{i}" for i in range(len(arch))]
+    for block, cid, strings in zip(blocks, architecture.get("candidates", []), arch, strict=False):
+        lines.append(f"| {block} | `{cid}` | {', '.join(f'`{a}`' for a in strings)} |")
+    captions = {"pareto": "Pareto front of the search (total cost vs summed block score); the star is the chosen "
+                          "architecture", "supernet": "Supernet loss per block (train dashed, val solid)",
+                "training": "Val accuracy per epoch, teacher and retrained student"}
+    for key, file in FIGURES.items():
+        lines += ["", f"## {captions[key]}", ""]
+        lines.append(f"![{captions[key]}]({file})" if figures.get(key) else "_no data for this figure_")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,89 @@
+"""DVC stage `report`: teacher vs searched student, the search, the supernet curves; metrics/summary.json + reports/.
+
+    python stages/report.py [report.latency_repeats=50 ...]
+
+Reads the teacher and student artifacts and metrics, artifacts/search (architecture.json, pareto.csv) and the
+per-epoch CSVs under plots/. Writes metrics/summary.json (for `dvc metrics show/diff`) and reports/ (report.md with
+PNG figures beside it, readable offline); both are logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+
+from pipeline import cli, report, student, tracking
+from pipeline.checkpoint import ArtifactError
+from pipeline.config import Params, as_dict, repo_root
+from pipeline.space import module_cost
+from pipeline.teacher import load_teacher
+
+TEACHER, STUDENT, SEARCH = Path("artifacts/teacher"), Path("artifacts/student"), Path("artifacts/search")
+METRICS, PLOTS = Path("metrics"), Path("plots")
+SUMMARY, OUT = Path("metrics/summary.json"), Path("reports")
+log = logging.getLogger("stages.report")
+
+
+def run(params: Params) -> dict:
+    root, cfg = repo_root(), params.report
+    scores = {name: _read_json(root / METRICS / f"{name}.json", f"dvc repro {stage}")
+              for name, stage in (("teacher", "teacher"), ("student", "retrain"))}
+    architecture = student.read_architecture(root / STUDENT / student.ARCHITECTURE)
+    models = {"teacher": load_teacher(root / TEACHER)[0], "student": student.load(root / STUDENT)}
+    shape = tuple(models["student"].pretrained_cfg["input_size"])
+    latency = report.latency_ms(models, shape, cfg.latency_batches, cfg.latency_repeats, cfg.latency_threads,
+                                params.runtime.channels_last)
+    rows = {}
+    for name, model in models.items():
+        cost = module_cost(model, shape)
+        rows[name] = {"test_acc": scores[name]["test/acc"], "val_acc": scores[name]["val/acc"], "params": cost.params,
+                      "flops": cost.flops, **{f"latency_ms_b{b}": ms for b, ms in latency[name].items()}}
+    front = report.read_front(root / SEARCH / "pareto.csv")
+    summary = report.summarize(rows["teacher"], rows["student"], architecture, len(front.cost))
+    supernet = {p.stem: report.read_rows(p) for p in sorted((root / PLOTS / "supernet").glob("*.csv"))}
+    training = {n: report.read_rows(root / PLOTS / f"{n}.csv") for n in ("teacher", "student")}
+    tmp = root / (str(OUT) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    figures = {"pareto": len(front.cost) > 0, "supernet": any(supernet.values()), "training": any(training.values())}
+    draw = {"pareto": lambda p: report.plot_pareto(p, front, architecture),
+            "supernet": lambda p: report.plot_supernet(p, {b: r for b, r in supernet.items() if r}),
+            "training": lambda p: report.plot_training(p, training)}
+    for key, file in report.FIGURES.items():
+        if figures[key]:
+            draw[key](tmp / file)
+    names = {"teacher": models["teacher"].default_cfg.get("architecture", "teacher"), "student": student.MODEL_NAME}
+    (tmp / "report.md").write_text(report.markdown(summary, architecture, names, figures))
+    shutil.rmtree(root / OUT, ignore_errors=True)
+    os.replace(tmp, root / OUT)
+    (root / SUMMARY).parent.mkdir(parents=True, exist_ok=True)
+    (root / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    with tracking.stage_run("report", {"report": as_dict(cfg)}, root, params.tracking.experiment):
+        tracking.log_metrics({k: v for k, v in tracking.flatten(summary).items() if isinstance(v, (int, float))})
+        mlflow.log_artifacts(str(root / OUT), artifact_path="report")
+        mlflow.log_artifact(str(root / SUMMARY))
+    log.info("report: student test %.4f vs teacher %.4f, %.3fx the params -> %s", rows["student"]["test_acc"],
+             rows["teacher"]["test_acc"], summary["student_vs_teacher"]["params"], root / OUT / "report.md")
+    return summary
+
+
+def _read_json(path: Path, rebuild: str) -> dict:
+    """A stage's metrics file with the accuracies the report compares."""
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: run `{rebuild}`") from None
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{path} is unreadable ({type(err).__name__}): run `{rebuild}`") from None
+    if not isinstance(content, dict) or not {"val/acc", "test/acc"} <= set(content):
+        raise ArtifactError(f"{path} lacks val/acc and test/acc: run `{rebuild}`")
+    return content
+
+
+if __name__ == "__main__":
+    cli.main(run)

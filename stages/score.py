@@ -1,0 +1,112 @@
+"""DVC stage `score@bN`: rate every candidate of block N (DNA Sec. 3.3) on the val split's cached features.
+
+    python stages/score.py block=b1 [key=value ...]
+
+Writes artifacts/scores/block_<index>.csv (candidate, score, mse, params, flops: the table the assembly reads)
+and metrics/score/<block>.json. Finished groups of candidates are kept in artifacts/scores/block_<index>.resume.pt
+while the stage runs, so a killed run does not rate them again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from pipeline import cli, runtime, tracking
+from pipeline.config import Params, as_dict, repo_root
+from pipeline.features import FeatureCache
+from pipeline.scoring import (
+    constant_errors,
+    load_rating_data,
+    plot_scores,
+    score_block,
+    score_rows,
+    split_half_tau,
+    summary,
+)
+from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
+from pipeline.supernet import (
+    BlockData,
+    SupernetBlock,
+    checkpoint_path,
+    feature_keys,
+    feature_moments,
+    fingerprint,
+    load_trained,
+)
+
+FEATURES, SCORES_DIR, METRICS_DIR = Path("artifacts/features"), Path("artifacts/scores"), Path("metrics/score")
+log = logging.getLogger("stages.score")
+
+
+def table_path(root: Path, index: int) -> Path:
+    return root / SCORES_DIR / f"block_{index}.csv"
+
+
+def run(params: Params, block: str) -> dict[str, float]:
+    root = repo_root()
+    spec = build_space(params.space, load_teacher_split(root / TEACHER_SPLIT)).block(block)
+    device = runtime.select_device(params.runtime)
+    cache = FeatureCache(root / FEATURES)
+    weights = checkpoint_path(root, block)
+    net = SupernetBlock(spec)
+    load_trained(weights, net, fingerprint(params, block, cache), rebuild=f"dvc repro supernet@{block}")
+    net = runtime.to_device_model(net, device, params.runtime.channels_last)
+    in_key, target_key = feature_keys(list(params.space.blocks), block)
+    rating = load_rating_data(BlockData(cache, in_key, target_key), params.score, params.seed, device,
+                              params.runtime.channels_last)
+    # DNA ranking lesson: a block must beat a predictor that ignores its input (the per-element train mean)
+    trivial = constant_errors(feature_moments(cache, "train", target_key)["element_mean"].to(device), rating)
+    table = table_path(root, spec.index)
+    partial = table.with_name(f"{table.stem}.resume.pt")
+    key = _partial_key(weights, params)
+    tracked = {"space": as_dict(params.space), "score": as_dict(params.score), "seed": params.seed}
+    with tracking.stage_run("score", tracked, root, params.tracking.experiment, block=block):
+        errors, rated, seconds = score_block(net, rating, partial, key)
+        rows = score_rows(spec, errors)
+        stats = summary(rows, trivial, split_half_tau(errors), rated, seconds)
+        _write_table(table, rows)
+        tracking.log_metrics({f"score/{k}": v for k, v in stats.items()})
+        _log_figure(plot_scores(block, rows, stats["score_trivial"]), f"scores_{block}.png")
+    metrics = root / METRICS_DIR / f"{block}.json"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(stats, indent=2))
+    partial.unlink(missing_ok=True)
+    log.info("block %s: %d candidates, score best %.4f median %.4f worst %.4f (input-blind %.4f), "
+             "split-half tau %.3f, %.1f candidates/s", block, len(rows), stats["score_best"], stats["score_median"],
+             stats["score_worst"], stats["score_trivial"], stats["tau_halves"], stats["candidates_per_s"])
+    return stats
+
+
+def _partial_key(weights: Path, params: Params) -> str:
+    """Partial results are valid only for the same supernet weights and rating settings."""
+    digest = hashlib.sha256(weights.read_bytes())
+    digest.update(json.dumps({"score": as_dict(params.score), "seed": params.seed}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def _write_table(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _log_figure(fig, name: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    cli.main_block(run)
