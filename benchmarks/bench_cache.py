@@ -298,13 +298,12 @@ the shared cores do not inflate. *bound* = memory vs online, the most any cache 
 
 Whole supernet stage ({len(per_block)} blocks x {epochs} epochs x {n_train} samples), projected from the rates above:
 online {stage['online'] / 60:.1f} min, cache {stage['cache'] / 60:.1f} min, in-memory {stage['memory'] / 60:.1f} min.
+The bound is the most that removing the teacher can gain, (teacher forward + student step) / student step; a
+cache read as fast as memory reaches it.
 
 - **cache vs online: {stage['online'] / stage['cache']:.2f}x** (CPU time {stage['cpu online'] / stage['cpu cache']:.2f}x;
   target >= 2x; bound {stage['online'] / stage['memory']:.2f}x); {stage['online'] / (stage['cache'] + write['cache/wall_s']):.2f}x
   when the one-off cache build ({write['cache/wall_s']:.0f} s) is charged to the stage.
-The bound is what removing the teacher can gain: (teacher forward + student step) / student step. The cache
-reaches it (cache ~ in-memory), so below-target gains come from a teacher forward that is cheap next to a
-supernet step, not from reading the cache.
 - **cache / in-memory: {stage['memory'] / stage['cache']:.1%}** (CPU time {stage['cpu memory'] / stage['cpu cache']:.1%};
   target >= 90%).
 

@@ -6,6 +6,7 @@ previous checkpoint intact (timm's CheckpointSaver does the same).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ from pipeline.errors import PipelineError
 
 class ArtifactError(PipelineError):
     """A missing or corrupt artifact; the message names the file and the command that rebuilds it."""
+
+
+def read_json(path: Path | str, rebuild: str) -> Any:
+    """A JSON artifact; missing or unreadable becomes one line naming the file and ``rebuild``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: build it with `{rebuild}`") from None
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{path} is unreadable ({type(err).__name__}): rebuild it with `{rebuild}`") from None
 
 
 def save(path: Path | str, state: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError
@@ -13,7 +13,7 @@ from pipeline.runtime import setup_logging
 log = logging.getLogger(__name__)
 
 
-def main(run: Callable[[Params], None], argv: Optional[Sequence[str]] = None) -> None:
+def main(run: Callable[[Params], None], argv: Sequence[str] | None = None) -> None:
     """``python stages/<stage>.py key=value ...``: load params with the overrides and call ``run``."""
     setup_logging()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -24,7 +24,7 @@ def main(run: Callable[[Params], None], argv: Optional[Sequence[str]] = None) ->
         sys.exit(2)
 
 
-def main_block(run: Callable[..., object], argv: Optional[Sequence[str]] = None) -> None:
+def main_block(run: Callable[..., object], argv: Sequence[str] | None = None) -> None:
     """``python stages/<stage>.py block=bN key=value ...`` for per-block stages: ``run(params, block=bN)``."""
     args = list(sys.argv[1:] if argv is None else argv)
     blocks = [a.split("=", 1)[1] for a in args if a.startswith("block=")]

@@ -8,9 +8,10 @@ so a wrong key, type or value fails before any computation with a message naming
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -75,12 +76,12 @@ class Recipe:
 @dataclass
 class Teacher:
     name: str = "resnet18"
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     stem_stride: int = 0  # 0 = the model's own; N = set the first conv's stride (small images)
     stem_pool: bool = True  # False replaces the stem max-pool by identity (small images)
     checkpoint: str = ""  # local safetensors or torch file: load instead of training
     pretrained: bool = False  # timm hub weights, needs internet
-    boundaries: List[int] = field(default_factory=lambda: [1, 2, 3])  # feature_info indices
+    boundaries: list[int] = field(default_factory=lambda: [1, 2, 3])  # feature_info indices
     train: Recipe = field(default_factory=Recipe)
 
 
@@ -104,19 +105,19 @@ class Cell:
 class BlockSpace:
     index: int = -1  # position in the teacher split; must match the key (dvc.yaml names block_<index>.csv by it)
     width: int = 0  # student channels at the block output (multiple of 8)
-    cells: List[Cell] = field(default_factory=lambda: [Cell()])
+    cells: list[Cell] = field(default_factory=lambda: [Cell()])
     lr: float = 0.0  # 0 = supernet.lr
 
 
 @dataclass
 class Space:
-    ops: List[str] = field(default_factory=lambda: ["k3e3", "k3e6", "k5e3", "k5e6", "k7e3", "k7e6"])
+    ops: list[str] = field(default_factory=lambda: ["k3e3", "k3e6", "k5e3", "k5e6", "k7e3", "k7e6"])
     identity: bool = False  # allow skipping layers after a cell's first
     se_ratio: float = 0.25
     act: str = "swish"
     stem: int = 16
     head: int = 256
-    blocks: Dict[str, BlockSpace] = field(default_factory=dict)
+    blocks: dict[str, BlockSpace] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Search:
     method: str = "exact"  # exact | optuna
     metric: str = "params"  # params | flops
     budget: float = 0.0
-    fixed_cost: Optional[float] = None  # None = computed from the search space
+    fixed_cost: float | None = None  # None = computed from the search space
     top_k: int = 1
     scores_dir: str = "artifacts/scores"
     out_dir: str = "artifacts/search"
@@ -172,7 +173,7 @@ class Retrain:
 
 @dataclass
 class Report:
-    latency_batches: List[int] = field(default_factory=lambda: [1, 256])  # CPU latency per batch size
+    latency_batches: list[int] = field(default_factory=lambda: [1, 256])  # CPU latency per batch size
     latency_repeats: int = 20  # timed forwards per batch size (the median is reported)
     latency_threads: int = 1  # torch threads while timing: 1 is steadier on a shared machine
 
@@ -203,7 +204,7 @@ def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
-def load_params(overrides: Sequence[str] = (), root: Optional[Path] = None) -> Params:
+def load_params(overrides: Sequence[str] = (), root: Path | None = None) -> Params:
     """Compose ``params.yaml`` with Hydra, apply ``key=value`` overrides, validate, return dataclasses."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException

@@ -12,9 +12,9 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(int(d) for d in dims))
 
 
-def _find_idx(root: Path, name: str) -> Optional[Path]:
+def _find_idx(root: Path, name: str) -> Path | None:
     for candidate in (root / name, root / f"{name}.gz", root / "FashionMNIST" / "raw" / name):
         if candidate.is_file():
             return candidate
@@ -73,7 +73,7 @@ def _fashion_mnist(cfg: Data) -> tuple[Split, Split, list[str]]:
     paths = [_find_idx(root, n) for n in _IDX_FILES]
     if not all(paths):
         if not cfg.download:
-            missing = [n for n, p in zip(_IDX_FILES, paths) if p is None]
+            missing = [n for n, p in zip(_IDX_FILES, paths, strict=True) if p is None]
             raise _missing(cfg, f"Fashion-MNIST idx files {missing} not found")
         sets = [FashionMNIST(str(root), train=t, download=True) for t in (True, False)]
         pool, test = (Split(s.data.numpy()[:, None], s.targets.numpy().astype(np.int64)) for s in sets)
@@ -232,7 +232,7 @@ def augment(x: torch.Tensor, cfg: Augment, generator: torch.Generator) -> torch.
 
 
 def batches(split: Split, meta: dict, batch_size: int, device: torch.device, *, shuffle: bool = False,
-            seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1, augment_cfg: Optional[Augment] = None,
+            seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1, augment_cfg: Augment | None = None,
             channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (and optionally augmented) batches; under DDP each rank takes its own shard."""
     n = len(split.labels)

@@ -11,7 +11,8 @@ import logging
 import os
 import random
 import sys
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,5 +97,5 @@ def maybe_ddp(model: torch.nn.Module, device: torch.device, **kwargs: Any) -> to
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    ids: Optional[list[int]] = [device.index] if device.type == "cuda" else None
+    ids: list[int] | None = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, **kwargs)

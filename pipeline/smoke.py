@@ -10,8 +10,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import OmegaConf
 
@@ -43,9 +43,9 @@ def make_workspace(src: Path, dest: Path, overrides: Sequence[str] = (), overlay
     return dest
 
 
-def run(dest: Path, overrides: Sequence[str] = (), src: Path = Path.cwd()) -> int:
+def run(dest: Path, overrides: Sequence[str] = (), src: Path | None = None) -> int:
     try:
-        make_workspace(src.resolve(), dest.resolve(), overrides)
+        make_workspace((src or Path.cwd()).resolve(), dest.resolve(), overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

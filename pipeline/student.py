@@ -27,7 +27,7 @@ from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.efficientnet import EfficientNet
 
 from pipeline import space
-from pipeline.checkpoint import ArtifactError
+from pipeline.checkpoint import ArtifactError, read_json
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,7 @@ def dna_student(pretrained: bool = False, **kwargs: Any) -> EfficientNet:
 # ---------------------------------------------------------------------------------------------------- architecture
 def read_architecture(path: Path | str) -> dict[str, Any]:
     """The assemble stage's ``architecture.json``; a missing or unreadable file names the rebuild command."""
-    path = Path(path)
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} is missing: build it with `{ASSEMBLE}`") from None
-    except (OSError, ValueError) as err:
-        raise ArtifactError(f"{path} is unreadable ({type(err).__name__}): rebuild it with `{ASSEMBLE}`") from None
+    content = read_json(path, ASSEMBLE)
     if not isinstance(content, dict) or not isinstance(content.get("candidates"), list):
         raise ArtifactError(f"{path} has no 'candidates' list (one candidate id per block): rebuild it with "
                             f"`{ASSEMBLE}`")

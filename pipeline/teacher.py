@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -97,7 +97,7 @@ class _Recorder:
         pass
 
     def __init__(self, model: nn.Module, modules: list[str], stop: bool) -> None:
-        self.outputs: list[Optional[torch.Tensor]] = [None] * len(modules)
+        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
         self.handles = []
         for i, name in enumerate(modules):
             self.handles.append(model.get_submodule(name).register_forward_hook(self._hook(i, stop and i == len(modules) - 1)))
@@ -173,7 +173,7 @@ def block_split(model: nn.Module, boundaries: list[int], in_chans: int, image_si
     members = _block_modules(model, modules, x)
     model.train(was_training)
     blocks, prev_ch, prev_hw = [], in_chans, (image_size, image_size)
-    for b, (boundary, out) in enumerate(zip(boundaries, outs)):
+    for b, (boundary, out) in enumerate(zip(boundaries, outs, strict=True)):
         hw = tuple(out.shape[-2:])
         blocks.append({"name": f"b{b}", "boundary": boundary, "module": modules[b], "modules": members[b],
                        "in_channels": prev_ch, "out_channels": int(out.shape[1]),

@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 PARENT_ENV = "DNA_PARENT_RUN_ID"
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _parent_run_id(client: Any) -> Optional[str]:
+def _parent_run_id(client: Any) -> str | None:
     parent = os.environ.get(PARENT_ENV) or None
     if parent is None:
         return None
@@ -81,7 +82,7 @@ def _parent_run_id(client: Any) -> Optional[str]:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], root: Path, experiment: str = "dna",
-              block: Optional[str] = None) -> Iterator[Any]:
+              block: str | None = None) -> Iterator[Any]:
     """Open the MLflow run of one stage execution (one block for per-block stages).
 
     ``params`` are the groups this stage depends on, as plain dicts: logged flat and hashed into a tag.
@@ -110,7 +111,7 @@ def stage_run(stage: str, params: Mapping[str, Any], root: Path, experiment: str
         yield run
 
 
-def log_metrics(metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log to the active run if there is one (library code also runs outside stages, e.g. in tests)."""
     import mlflow
 

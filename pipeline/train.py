@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -65,8 +65,8 @@ def _optimizer_and_schedule(model: nn.Module, recipe: Recipe, steps_per_epoch: i
 
 
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, recipe: Recipe,
-                 loop: Loop, epoch: int, steps_per_epoch: int, loss_fn: Optional[LossFn] = None,
-                 ema: Optional[nn.Module] = None) -> dict[str, float]:
+                 loop: Loop, epoch: int, steps_per_epoch: int, loss_fn: LossFn | None = None,
+                 ema: nn.Module | None = None) -> dict[str, float]:
     model.train()
     rank, world = init_distributed()
     loss_sum, n, start = torch.zeros(()), 0, time.perf_counter()
@@ -92,8 +92,8 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Spl
 
 
 def fit(model: nn.Module, train: Split, val: Split, recipe: Recipe, loop: Loop, ckpt_path: Path,
-        on_epoch: Optional[Callable[[int, dict], None]] = None, *, loss_fn: Optional[LossFn] = None,
-        ema: Optional[nn.Module] = None, fingerprint: str = "") -> nn.Module:
+        on_epoch: Callable[[int, dict], None] | None = None, *, loss_fn: LossFn | None = None,
+        ema: nn.Module | None = None, fingerprint: str = "") -> nn.Module:
     """Train ``recipe.epochs`` epochs, resuming from ``ckpt_path``; returns the best-val-accuracy model.
 
     ``loss_fn`` replaces the label-smoothed cross-entropy; ``ema`` (a timm ``ModelEmaV3`` of ``model``) is updated

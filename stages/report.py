@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline import cli, report, student, tracking
-from pipeline.checkpoint import ArtifactError
+from pipeline.checkpoint import ArtifactError, read_json
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.space import module_cost
 from pipeline.teacher import load_teacher
@@ -74,12 +74,7 @@ def run(params: Params) -> dict:
 
 def _read_json(path: Path, rebuild: str) -> dict:
     """A stage's metrics file with the accuracies the report compares."""
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} is missing: run `{rebuild}`") from None
-    except (OSError, ValueError) as err:
-        raise ArtifactError(f"{path} is unreadable ({type(err).__name__}): run `{rebuild}`") from None
+    content = read_json(path, rebuild)
     if not isinstance(content, dict) or not {"val/acc", "test/acc"} <= set(content):
         raise ArtifactError(f"{path} lacks val/acc and test/acc: run `{rebuild}`")
     return content

@@ -8,10 +8,10 @@ import logging
 from pipeline import cli, tracking
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.data import load_meta, load_split
-from pipeline.runtime import select_device, seed_everything, to_device_model
+from pipeline.plots import append_row
+from pipeline.runtime import seed_everything, select_device, to_device_model
 from pipeline.teacher import block_split, create_teacher, load_weights, save_teacher
 from pipeline.train import Loop, evaluate, fit
-from pipeline.plots import append_row
 
 PREPARED, OUT, CKPT = "data/prepared", "artifacts/teacher", "checkpoints/teacher.pt"
 METRICS, PLOT = "metrics/teacher.json", "plots/teacher.csv"

@@ -304,5 +304,5 @@ def test_report_without_a_retrained_student_names_the_stage_to_run(pristine: Pat
     with pytest.raises(SystemExit):
         cli.main(stage.run, [])
     err = capsys.readouterr().err
-    assert "metrics/student.json is missing: run `dvc repro retrain`" in err and err.count("\n") == 1
+    assert "metrics/student.json is missing" in err and "`dvc repro retrain`" in err and err.count("\n") == 1
     assert not (root / "reports").exists() and not (root / "metrics/summary.json").exists()

@@ -5,8 +5,15 @@ import torch
 
 from pipeline.checkpoint import ArtifactError
 from pipeline.config import Teacher
-from pipeline.teacher import (TeacherError, block_outputs, block_split, create_teacher, load_teacher, load_weights,
-                              save_teacher)
+from pipeline.teacher import (
+    TeacherError,
+    block_outputs,
+    block_split,
+    create_teacher,
+    load_teacher,
+    load_weights,
+    save_teacher,
+)
 
 
 def small_resnet() -> Teacher:
@@ -41,7 +48,7 @@ def test_mobilenet_split_and_outputs_match_timm_features():
                                 out_indices=cfg.boundaries)
         ref.load_state_dict(model.state_dict(), strict=False)
         theirs = ref.eval()(x)
-    for a, b, meta in zip(ours, theirs, blocks):
+    for a, b, meta in zip(ours, theirs, blocks, strict=True):
         assert a.shape[1] == meta["out_channels"] and list(a.shape[-2:]) == meta["out_size"]
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -64,7 +71,7 @@ def test_checkpoint_formats_and_corruption(tmp_path):
     torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pt")
     other = create_teacher(cfg, 1, 10)
     load_weights(other, tmp_path / "w.pt")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
     (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(TeacherError, match="corrupt"):
         load_weights(other, tmp_path / "bad.safetensors")
