@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +43,9 @@ from pipeline.config import Params, load_params, repo_root
 from pipeline.data import Split, load_meta, load_split, normalize
 from pipeline.features import SPLITS, FeatureCache, write_features
 from pipeline.runtime import select_device, setup_logging, to_device_model
+from pipeline.scoring import load_rating_data, score_prefix
+from pipeline.space import build_space
+from pipeline.supernet import BlockData, Run, SupernetBlock, feature_keys, feature_moments, train_block
 from pipeline.teacher import block_outputs, load_teacher, weights_hash
 
 log = logging.getLogger("bench_cache")
@@ -50,7 +54,7 @@ SCORE_BLOCK = "b2"
 
 
 # ---------------------------------------------------------------------------------------------- student block
-def student_block(block: dict, params: Params, ops: list[str] | None = None) -> nn.ModuleList:
+def student_block(block: dict, params: Params) -> nn.ModuleList:
     """Per layer, every op of ``space.ops`` (a single-path supernet block of the block's first cell); block 0
     gets a stem first. Inner layers have the student width, the first reads and the last writes the teacher's."""
     space, act = params.space, get_act_layer(params.space.act)
@@ -65,7 +69,7 @@ def student_block(block: dict, params: Params, ops: list[str] | None = None) -> 
     for i in range(layers):
         out_chs = block["out_channels"] if i == layers - 1 else width
         parts.append(nn.ModuleDict({op: _mbconv(op, in_chs, out_chs, stride, space.se_ratio, act)
-                                    for op in (ops or space.ops)}))
+                                    for op in space.ops}))
         in_chs, stride = out_chs, 1
     return parts
 
@@ -191,56 +195,40 @@ def bench_block(b: int, block: dict, params: Params, cache: FeatureCache, images
     return out
 
 
-def train_candidate(cache: FeatureCache, block: dict, params: Params, device: torch.device, op: str, seed: int,
-                    steps: int, n_train: int) -> nn.ModuleList:
-    """A standalone candidate (``op`` in every layer), trained on this cache's first ``n_train`` samples.
+def ranking_agreement(caches: dict[str, FeatureCache], teacher_split: dict, params: Params, device: torch.device,
+                      epochs: int, scratch: Path) -> dict[str, object]:
+    """Kendall tau between float16 and float32 scores of every candidate of ``SCORE_BLOCK``, from the pipeline's
+    own supernet training (``train_block``) and scoring (``score_prefix``: BN recalibrated per candidate).
 
-    Same seed, batches and steps whatever the cache, so two caches give two runs of the same training.
+    score-only: the float32-trained supernet rated on each cache's val features; end-to-end: a supernet trained
+    and rated on each cache (same seed, init, batches and paths), as the pipeline runs with either dtype.
     """
-    b, bs = int(block["name"][1:]), params.supernet.batch_size
-    in_key = "input" if b == 0 else f"b{b - 1}"
-    layout = torch.channels_last if params.runtime.channels_last else torch.contiguous_format
-    torch.manual_seed(seed)
-    net = to_device_model(student_block(block, params, [op]), device, params.runtime.channels_last)
-    opt = create_optimizer_v2(net, opt=params.supernet.opt, lr=params.supernet.lr,
-                              weight_decay=params.supernet.weight_decay)
-    rng = np.random.default_rng(seed)
-    batches = [np.sort(rng.choice(n_train, bs, replace=False)) for _ in range(steps)]
-    path = [next(iter(layer)) for layer in net]
-    train_steps(net, opt, cache_fetch(cache, in_key, block["name"], device), batches, [path] * steps, layout)
-    return net.eval()
+    spec = build_space(params.space, teacher_split).block(SCORE_BLOCK)
+    in_key, target_key = feature_keys(list(params.space.blocks), SCORE_BLOCK)
+    cfg = replace(params.supernet, epochs=epochs, train_samples=0)
+    nets = {}
+    for dtype, cache in caches.items():
+        torch.manual_seed(params.seed)
+        net = SupernetBlock(spec)
+        if cfg.target_norm:
+            stats = feature_moments(cache, "train", target_key)
+            net.set_target_stats(stats["channel_mean"], stats["channel_std"])
+        run = Run(checkpoint=scratch / f"supernet_{dtype}.pt", fingerprint=dtype, device=device, seed=params.seed,
+                  channels_last=params.runtime.channels_last)
+        train_block(net, BlockData(cache, in_key, target_key), cfg, run)
+        nets[dtype] = net
 
+    def scores(net: SupernetBlock, cache: FeatureCache) -> dict[str, float]:
+        rating = load_rating_data(BlockData(cache, in_key, target_key), params.score, params.seed, device,
+                                  params.runtime.channels_last)
+        return {cid: float(errors[0].mean()) for cid, errors in score_prefix(net, rating).items()}
 
-def rel_l1(cache: FeatureCache, block: dict, net: nn.ModuleList, params: Params, device: torch.device) -> float:
-    """DNA's score on the whole val split: mean|student - teacher| / std(teacher), averaged over batches."""
-    b, n_val, bs = int(block["name"][1:]), cache.num_samples("val"), params.score.batch_size
-    in_key = "input" if b == 0 else f"b{b - 1}"
-    layout = torch.channels_last if params.runtime.channels_last else torch.contiguous_format
-    path, errors = [next(iter(layer)) for layer in net], []
-    with torch.inference_mode():
-        for start in range(0, n_val, bs):
-            idx = slice(start, min(n_val, start + bs))
-            x, t = cache.get("val", in_key, idx).to(device), cache.get("val", block["name"], idx).to(device)
-            y = run_path(net, path, x.contiguous(memory_format=layout))
-            errors.append(float((y - t).abs().mean() / t.std()))
-    return float(np.mean(errors))
-
-
-def ranking_agreement(caches: dict[str, FeatureCache], block: dict, params: Params, device: torch.device,
-                      seeds: int, steps: int, n_train: int) -> dict[str, object]:
-    """Kendall tau between float16 and float32 scores of candidates (every op x ``seeds`` seeds).
-
-    score-only: the same students (trained on float32) scored on each cache's val features;
-    end-to-end: each student trained and scored on each cache, as the pipeline would with either dtype.
-    """
-    cands = [(op, seed) for op in params.space.ops for seed in range(seeds)]
-    nets = {d: [train_candidate(c, block, params, device, op, 1000 + seed, steps, n_train) for op, seed in cands]
-            for d, c in caches.items()}
-    scores = {"score-only": {d: [rel_l1(c, block, n, params, device) for n in nets["float32"]]
-                             for d, c in caches.items()},
-              "end-to-end": {d: [rel_l1(c, block, n, params, device) for n in nets[d]] for d, c in caches.items()}}
-    taus = {k: float(kendalltau(v["float16"], v["float32"]).statistic) for k, v in scores.items()}
-    return {"candidates": [f"{op}/seed{seed}" for op, seed in cands], "scores": scores, "tau": taus}
+    table = {"score-only": {d: scores(nets["float32"], c) for d, c in caches.items()},
+             "end-to-end": {d: scores(nets[d], c) for d, c in caches.items()}}
+    cids = sorted(table["end-to-end"]["float32"])
+    values = {k: {d: [v[d][c] for c in cids] for d in v} for k, v in table.items()}
+    return {"candidates": cids, "scores": values,
+            "tau": {k: float(kendalltau(v["float16"], v["float32"]).statistic) for k, v in values.items()}}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -256,8 +244,8 @@ def machine() -> str:
 def report(args: argparse.Namespace, params: Params, blocks: dict, teacher_hash: str, write: dict, raw_mb_s: float,
            sizes: tuple[int, int], n_samples: dict[str, int], per_block: dict[str, dict[str, float]],
            ranking: dict, load: tuple[str, str], wall: float) -> str:
-    n_train, epochs = n_samples["train"], params.supernet.epochs
-    stage = {c + m: sum(epochs * n_train / per_block[name][c + m] for name in per_block) for c in ("", "cpu ")
+    epochs, per_epoch = params.supernet.epochs, params.supernet.train_samples or n_samples["train"]
+    stage = {c + m: sum(epochs * per_epoch / per_block[name][c + m] for name in per_block) for c in ("", "cpu ")
              for m in MODES}
     rows = "\n".join(
         f"| {name} | {r['online']:.0f} | {r['cache']:.0f} | {r['memory']:.0f} | **{r['cache/online']:.2f}x** "
@@ -296,7 +284,8 @@ the shared cores do not inflate. *bound* = memory vs online, the most any cache 
 |---|---|---|---|---|---|---|
 {rows}
 
-Whole supernet stage ({len(per_block)} blocks x {epochs} epochs x {n_train} samples), projected from the rates above:
+Whole supernet stage ({len(per_block)} blocks x {epochs} epochs x {per_epoch} samples; per-epoch validation left out),
+projected from the rates above:
 online {stage['online'] / 60:.1f} min, cache {stage['cache'] / 60:.1f} min, in-memory {stage['memory'] / 60:.1f} min.
 The bound is the most that removing the teacher can gain, (teacher forward + student step) / student step; a
 cache read as fast as memory reaches it.
@@ -327,24 +316,17 @@ The build is bound by the teacher: the disk would keep up with a teacher
 
 ## (d) float16 vs float32 cache: candidate ranking
 
-`pipeline/scoring.py` was not available when this was written, so the candidates are {len(ranking['candidates'])}
-standalone students of block {SCORE_BLOCK} (each of the {len(params.space.ops)} ops in every layer x {args.seeds}
-initialisation seeds), each trained for {args.score_steps} Adam steps (MSE, batch {params.supernet.batch_size}) on
-the first {args.score_train} train samples and scored on the whole val split ({n_samples['val']} samples) with DNA's
-relative L1, mean|student - teacher| / std(teacher) averaged over batches of {params.score.batch_size}. The float32
-cache is built by the same writer from the same teacher.
-*score-only*: the same float32-trained students scored on each cache. *end-to-end*: each student trained and
-scored on each cache (same seed, batches and steps), as the pipeline would run with either `cache.dtype`.
+Scores from the pipeline's own code: for block {SCORE_BLOCK}, a supernet block (`pipeline.supernet.train_block`,
+`supernet` params, {args.score_epochs} epoch(s) over the first {args.score_train} train samples) and every one of its
+{len(ranking['candidates'])} candidates rated by `pipeline.scoring.score_prefix` (BN recalibrated per candidate, DNA's
+relative L1 over {params.score.batches} x {params.score.batch_size} val samples). float16 and float32 caches of the
+same samples are built by the same writer from the same teacher.
+*score-only*: the float32-trained supernet rated on each cache. *end-to-end*: a supernet trained and rated on each
+cache (same seed, init, batches and paths), as the pipeline runs with either `cache.dtype`.
 
-| | Kendall tau (target >= 0.95) | largest relative score difference |
+| | Kendall tau over {len(ranking['candidates'])} candidates (target >= 0.95) | largest relative score difference |
 |---|---|---|
 {chr(10).join(f"| {k} | **{ranking['tau'][k]:.3f}** | {_max_rel(v):.2e} |" for k, v in ranking['scores'].items())}
-
-| candidate | score-only float16 | score-only float32 | end-to-end float16 | end-to-end float32 |
-|---|---|---|---|---|
-{chr(10).join(f"| {c} | " + " | ".join(f"{ranking['scores'][k][d][i]:.5f}" for k in ('score-only', 'end-to-end')
-                                      for d in ('float16', 'float32')) + " |"
-              for i, c in enumerate(ranking['candidates']))}
 """
 
 
@@ -357,9 +339,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per mode, block and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--teacher", default="artifacts/teacher")
-    parser.add_argument("--seeds", type=int, default=2, help="(d) initialisation seeds per op")
-    parser.add_argument("--score-steps", type=int, default=20, help="(d) training steps per candidate")
-    parser.add_argument("--score-train", type=int, default=8192, help="(d) train samples in the float32 cache")
+    parser.add_argument("--score-epochs", type=int, default=2, help="(d) supernet epochs over the subset")
+    parser.add_argument("--score-train", type=int, default=8192, help="(d) train samples of the (d) caches")
     parser.add_argument("--scratch", default=None, help="folder for the caches written here (default: system tmp)")
     parser.add_argument("--out", default="benchmarks/results/cache.md")
     parser.add_argument("overrides", nargs="*", help="params.yaml key=value overrides")
@@ -400,14 +381,15 @@ def main() -> None:
             per_block[block["name"]] = bench_block(b, block, params, cache, splits["train"].images, meta, teacher,
                                                    blocks, device, args.steps, args.rounds)
             log.info("%s: %s", block["name"], {m: round(v) for m, v in per_block[block["name"]].items()})
-        log.info("(d) float32 cache of %d train samples, ranking block %s", args.score_train, SCORE_BLOCK)
+        log.info("(d) float16 and float32 caches of %d train samples, ranking block %s", args.score_train,
+                 SCORE_BLOCK)
         subset = {"train": Split(splits["train"].images[:args.score_train], splits["train"].labels[:args.score_train]),
                   "val": splits["val"]}
-        other = "float32" if params.cache.dtype == "float16" else "float16"
-        build(scratch / "other", other, subset)
-        caches = {params.cache.dtype: cache, other: FeatureCache(scratch / "other", teacher_dir=root / args.teacher)}
-        ranking = ranking_agreement(caches, blocks["blocks"][names.index(SCORE_BLOCK)], params, device, args.seeds,
-                                    args.score_steps, args.score_train)
+        caches = {}
+        for dtype in ("float16", "float32"):
+            build(scratch / dtype, dtype, subset)
+            caches[dtype] = FeatureCache(scratch / dtype, teacher_dir=root / args.teacher)
+        ranking = ranking_agreement(caches, blocks, params, device, args.score_epochs, scratch)
         log.info("(d) tau %s", ranking["tau"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
