@@ -225,7 +225,7 @@ def augment(x: torch.Tensor, cfg: Augment, generator: torch.Generator) -> torch.
         torch_state, py_state = torch.get_rng_state(), random.getstate()
         torch.manual_seed(seed)
         random.seed(seed)
-        x = RandomErasing(probability=cfg.erase_prob, mode="pixel", device=str(x.device))(x.contiguous())
+        x = RandomErasing(probability=cfg.erase_prob, mode="pixel", device=str(x.device))(x.clone())  # erases in place
         torch.set_rng_state(torch_state)
         random.setstate(py_state)
     return x

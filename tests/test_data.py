@@ -83,3 +83,10 @@ def test_batches_shard_across_ranks(idx_dir, tmp_path):
     assert len(seen[0]) + len(seen[1]) == len(split.labels)
     x, _ = next(batches(split, meta, 16, torch.device("cpu")))
     assert abs(float(x.mean())) < 1.0 and x.dtype == torch.float32
+
+
+def test_augment_leaves_its_input_alone():
+    x = torch.randn(4, 1, 8, 8)
+    before = x.clone()
+    augment(x, Augment(hflip=False, pad_crop=0, erase_prob=1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(x, before)
