@@ -5,12 +5,14 @@
 (b) the cache reader's overhead: the same loop fed from float32 tensors already in memory;
 (c) cache size on disk and write throughput vs this machine's raw sequential write speed (same byte count,
     fsync), measured now on the same filesystem;
-(d) float16 vs float32 cache: Kendall tau between candidate scores (relative L1) computed from each.
+(d) float16 vs float32 cache: Kendall tau between the candidate scores of one block computed from each, with
+    the pipeline's own supernet training and scoring.
 
-The trained module is a representative student block built from timm's InvertedResidual (DNA's MBConv ops,
-one random op per layer per step, widths from ``space.blocks``, channels matched to the teacher), so the
-benchmark does not depend on the supernet code. Modes are measured in interleaved rounds and summed, so
-load from other processes on this shared machine hits every mode alike.
+In (a, b) the trained module is a representative student block built from timm's InvertedResidual (DNA's MBConv
+ops, one random op per layer per step, widths from ``space.blocks``, channels matched to the teacher), so the
+timing does not depend on the supernet code. Modes are measured in interleaved rounds, so load from other
+processes on a shared machine hits every mode alike; on a busy 2-core machine pass ``runtime.threads=1``, since
+OpenMP threads waiting on a descheduled sibling make every 2-thread timing erratic.
 
     .venv/bin/python benchmarks/bench_cache.py [--steps 6 --rounds 5 --teacher artifacts/teacher] [key=value ...]
 """

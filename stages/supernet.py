@@ -77,7 +77,7 @@ def _write_outputs(root: Path, block: str, history: list[dict[str, float]]) -> N
     plots = root / PLOTS_DIR / f"{block}.csv"
     plots.parent.mkdir(parents=True, exist_ok=True)
     with plots.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer = csv.DictWriter(f, fieldnames=["epoch", *(k for k in history[0] if k != "epoch")])
         writer.writeheader()
         writer.writerows(history)
     summary = {"epochs": len(history), "val_loss_first": history[0]["val_loss"],

@@ -223,7 +223,7 @@ def test_load_trained_rejects_missing_unfinished_foreign_and_corrupt(tiny_cache:
 # -------------------------------------------------------------------------------------------- the stage
 @pytest.fixture(scope="module")
 def stage_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_root(tmp_path_factory.mktemp("stage") / "root", n_train=1024, n_val=64)
+    return make_root(tmp_path_factory.mktemp("stage") / "root", n_train=512, n_val=64)
 
 
 def _env(root: Path, tracking: Path) -> dict[str, str]:
