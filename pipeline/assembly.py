@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Search
+from pipeline.config import Params, Search
 from pipeline.errors import PipelineError
 from pipeline.tracking import log_metrics
 
@@ -479,6 +479,24 @@ def match_space(tables: Sequence[BlockTable], spec: Any) -> list[BlockTable]:
             except ValueError as err:
                 raise AssemblyError(f"{table.source}: {err}: rebuild it with `{REBUILD}`") from None
     return [replace(t, name=b.name) for t, b in zip(tables, spec.blocks, strict=True)]
+
+
+def link_space(params: Params, tables: list[BlockTable], root: Path) -> tuple[
+        list[BlockTable], dict[str, float], Callable[[dict[str, str]], Any] | None]:
+    """(tables, fixed parts' cost per metric, arch-string builder or None) for the configured fixed cost.
+
+    An explicit ``search.fixed_cost`` is the searched metric's; the other metric's total then counts the
+    blocks only (raw tables carry no fixed parts).
+    """
+    s = params.search
+    if s.fixed_cost is not None:
+        return tables, {m: s.fixed_cost if m == s.metric else 0.0 for m in METRICS}, None
+    from pipeline import space  # torch and timm: only when the space is needed
+
+    spec = space.build_space(params.space, space.load_teacher_split(root / space.TEACHER_SPLIT))
+    cost = space.fixed_parts_cost(spec)
+    return (match_space(tables, spec), {"params": float(cost.params), "flops": float(cost.flops)},
+            lambda choice: space.arch_def(spec, choice))
 
 
 def assemble(tables: Sequence[BlockTable], search: Search, fixed: Mapping[str, float]) -> Result:

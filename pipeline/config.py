@@ -178,6 +178,25 @@ class Report:
     latency_threads: int = 1  # torch threads while timing: 1 is steadier on a shared machine
 
 
+def _short_recipe() -> Recipe:
+    return Recipe(epochs=2, lr=3e-3, warmup_epochs=0, eval_batch_size=1024)
+
+
+@dataclass
+class Validate:
+    """The ranking check (``dvc repro validate/dvc.yaml``): stand-alone accuracy of architectures drawn from the
+    searched space against their predicted scores; not part of the default pipeline."""
+
+    stratified: int = 12  # M architectures, one per equal-width bin of the space's cost range
+    random: int = 5  # R random architectures at the search budget
+    window: float = 0.1  # "at the budget" = cost within this fraction below it
+    seeds: int = 1  # training seeds per architecture (averaged; >= 2 also gives the seed-to-seed noise ceiling)
+    workers: int = 2  # architectures trained at once (CPU: threads split between them)
+    train_limit: int = 0  # train images per architecture (0 = the whole train split)
+    train: Recipe = field(default_factory=_short_recipe)
+    bootstrap: int = 2000  # resamples for the 95% intervals of tau
+
+
 @dataclass
 class Tracking:
     experiment: str = "dna"
@@ -196,6 +215,7 @@ class Params:
     search: Search = field(default_factory=Search)
     retrain: Retrain = field(default_factory=Retrain)
     report: Report = field(default_factory=Report)
+    validate: Validate = field(default_factory=Validate)
     tracking: Tracking = field(default_factory=Tracking)
 
 
@@ -294,6 +314,7 @@ def _check(p: Params) -> None:
     _require(p.search.trials >= 1, "search.trials", p.search.trials, "must be >= 1")
     _check_search_space(p)
     _check_retrain(p)
+    _check_validate(p)
 
 
 def _check_search_space(p: Params) -> None:
@@ -330,3 +351,16 @@ def _check_retrain(p: Params) -> None:
              list(rep.latency_batches), "a non-empty list of batch sizes >= 1")
     _require(rep.latency_repeats >= 1, "report.latency_repeats", rep.latency_repeats, "must be >= 1")
     _require(rep.latency_threads >= 0, "report.latency_threads", rep.latency_threads, "must be >= 0 (0 = all cores)")
+
+
+def _check_validate(p: Params) -> None:
+    v = p.validate
+    _require(v.stratified >= 2, "validate.stratified", v.stratified, "must be >= 2 (a ranking needs two points)")
+    _require(v.random >= 1, "validate.random", v.random, "must be >= 1")
+    _require(0 < v.window < 1, "validate.window", v.window, "must be in (0, 1), e.g. 0.1 = within 10% below the budget")
+    _require(v.seeds >= 1, "validate.seeds", v.seeds, "must be >= 1")
+    _require(v.workers >= 1, "validate.workers", v.workers, "must be >= 1")
+    _require(v.train_limit >= 0, "validate.train_limit", v.train_limit, "must be >= 0 (0 = the whole train split)")
+    _require(v.bootstrap >= 100, "validate.bootstrap", v.bootstrap, "must be >= 100 resamples")
+    _require(v.train.epochs >= 1, "validate.train.epochs", v.train.epochs, "must be >= 1 (accuracy needs training)")
+    _check_recipe("validate.train", v.train)

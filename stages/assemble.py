@@ -12,10 +12,7 @@ blocks.json); a number instead makes the stage work on any tables:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 import mlflow
 
@@ -25,27 +22,9 @@ from pipeline.config import Params, as_dict, repo_root
 log = logging.getLogger("stages.assemble")
 
 
-def link_space(params: Params, tables: list[assembly.BlockTable], root: Path) -> tuple[
-        list[assembly.BlockTable], dict[str, float], Callable[[dict[str, str]], Any] | None]:
-    """(tables, fixed parts' cost per metric, arch-string builder or None) for the configured fixed cost.
-
-    An explicit ``search.fixed_cost`` is the searched metric's; the other metric's total then counts the
-    blocks only (raw tables carry no fixed parts).
-    """
-    s = params.search
-    if s.fixed_cost is not None:
-        return tables, {m: s.fixed_cost if m == s.metric else 0.0 for m in assembly.METRICS}, None
-    from pipeline import space  # torch and timm: only when the space is needed
-
-    spec = space.build_space(params.space, space.load_teacher_split(root / space.TEACHER_SPLIT))
-    cost = space.fixed_parts_cost(spec)
-    return (assembly.match_space(tables, spec), {"params": float(cost.params), "flops": float(cost.flops)},
-            lambda choice: space.arch_def(spec, choice))
-
-
 def run(params: Params) -> None:
     root, s = repo_root(), params.search
-    tables, fixed, arch = link_space(params, assembly.read_tables(root / s.scores_dir), root)
+    tables, fixed, arch = assembly.link_space(params, assembly.read_tables(root / s.scores_dir), root)
     result = assembly.assemble(tables, s, fixed)  # checks the budget before anything is tracked or written
     tracked = {"search": as_dict(s), "seed": params.seed}
     if s.fixed_cost is None:

@@ -77,9 +77,7 @@ def write_scores(out: Path, spec: space.SpaceSpec, seed: int = 0) -> None:
 
 def assemble(root: Path, params: Params) -> dict:
     """The assemble stage's architecture.json and pareto.csv (its figure and MLflow run left out: seconds here)."""
-    from stages.assemble import link_space
-
-    tables, fixed, arch = link_space(params, assembly.read_tables(root / params.search.scores_dir), root)
+    tables, fixed, arch = assembly.link_space(params, assembly.read_tables(root / params.search.scores_dir), root)
     result = assembly.assemble(tables, params.search, fixed)
     content = assembly.summary(result, arch)
     out = root / params.search.out_dir

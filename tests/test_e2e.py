@@ -32,7 +32,7 @@ def test_lock_records_the_smoke_params(smoke):
     dest, env = smoke
     lock = (dest / "dvc.lock").read_text()
     assert "limit: 600" in lock, "dvc.lock must describe the params the outputs were made with"
-    status = dvc(dest, env, "status", "--quiet")
+    status = dvc(dest, env, "status", "--quiet", "dvc.yaml")  # validate/dvc.yaml runs only on request
     assert status.returncode == 0, status.stdout
 
 
@@ -67,3 +67,32 @@ def test_main_workspace_untouched(smoke):
     dest, _ = smoke
     assert json.loads((dest / "data/prepared/meta.json").read_text())["sizes"]["train"] == 540
     assert "limit: 0" in (REPO / "params.yaml").read_text()
+
+
+def test_validation_pipeline_on_the_smoke_run(smoke):
+    """The ranking check end to end (M=3, R=2, 2 seeds, tiny data): metrics, report, nothing to redo, units resume."""
+    dest, env = smoke
+    env = {**env, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"}  # `python` = the venv's, as after activate
+    proc = dvc(dest, env, "repro", "validate/dvc.yaml")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((dest / "metrics/validate.json").read_text())
+    assert metrics["all/n"] == 3 + 2 + 1 and metrics["budget/random/n"] == 2
+    for name in ("dna_score", "params", "flops"):
+        assert -1 <= metrics[f"all/{name}/tau"] <= 1 and -1 <= metrics[f"all/{name}/rho"] <= 1
+        assert metrics[f"all/{name}/tau_lo"] <= metrics[f"all/{name}/tau_hi"]
+    assert 0 < metrics["budget/searched/acc"] <= 1 and 1 <= metrics["budget/searched/rank"] <= 3
+    assert -1 <= metrics["noise/seed_tau"] <= 1, "two seeds per architecture give the noise ceiling"
+    report = (dest / "artifacts/validate/report/report.md").read_text()
+    assert "Kendall tau" in report and "searched" in report
+    assert (dest / "artifacts/validate/report/scatter.png").stat().st_size > 1000
+    rows = (dest / "artifacts/validate/results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 * 2 and rows[0].startswith("name,kind,seed,val_acc")
+    again = dvc(dest, env, "repro", "validate/dvc.yaml")
+    assert again.returncode == 0 and "Running stage" not in again.stdout
+
+    (dest / "artifacts/validate/runs/s01/seed0/result.json").unlink()  # as if killed before s01 finished
+    rerun = subprocess.run([sys.executable, "stages/validate_train.py"], cwd=dest, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "1 of 12 units to train (11 already done)" in rerun.stderr
+    assert (dest / "artifacts/validate/runs/s01/seed0/result.json").is_file()

@@ -28,14 +28,13 @@ META = {"num_classes": 10, "in_chans": 1, "image_size": 16, "mean": [0.3], "std"
 def _assemble(tmp_path: Path, overrides: list[str], split: dict) -> tuple[dict, space.SpaceSpec]:
     """architecture.json from the real assembly over score tables holding every candidate at its modelled cost."""
     from pipeline import assembly
-    from stages.assemble import link_space
 
     params = tiny_params(overrides)
     (tmp_path / "artifacts/teacher").mkdir(parents=True, exist_ok=True)
     (tmp_path / "artifacts/teacher/blocks.json").write_text(json.dumps(split))
     spec = space.build_space(params.space, split)
     write_scores(tmp_path / params.search.scores_dir, spec)
-    tables, fixed, arch = link_space(params, assembly.read_tables(tmp_path / params.search.scores_dir), tmp_path)
+    tables, fixed, arch = assembly.link_space(params, assembly.read_tables(tmp_path / params.search.scores_dir), tmp_path)
     return assembly.summary(assembly.assemble(tables, params.search, fixed), arch), spec
 
 

@@ -1,0 +1,275 @@
+"""Does the search work? Architectures drawn from the searched space, their stand-alone accuracy, and how well
+the summed block scores rank them (BossNAS, Li et al. 2021, Sec. 5: Kendall tau over trained networks).
+
+Three parts, one per stage of ``validate/dvc.yaml``: ``draw`` picks M architectures spread evenly over the
+space's cost range plus R random ones at the search budget (so size cannot explain the comparison with the
+searched network); ``train_unit`` trains one of them (one seed) with a short fixed recipe, resumable per
+epoch; ``rank_quality`` and ``at_budget`` turn the accuracies into Kendall tau / Spearman rho for the DNA score
+and for the "bigger is better" proxies, with bootstrap intervals and the seed-to-seed noise ceiling
+(ranking-lessons notes #1-#3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from pipeline.assembly import BlockTable, evaluate
+from pipeline.errors import PipelineError
+
+KINDS = ("stratified", "random", "searched")
+TILTS = np.linspace(-8.0, 8.0, 33)  # exponential tilts towards cheap (<0) or costly (>0) candidates
+
+
+class ValidationError(PipelineError):
+    """A validation setting the searched space cannot satisfy; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One architecture to train: its candidates per block, its cost and its predicted (summed) score."""
+
+    name: str
+    kind: str  # stratified | random | searched
+    candidates: tuple[str, ...]
+    params: float
+    flops: float
+    score: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "candidates": list(self.candidates)}
+
+
+# ---------------------------------------------------------------------------------------------------- drawing
+def _describe(name: str, kind: str, tables: Sequence[BlockTable], fixed: Mapping[str, float],
+              rows: Sequence[int]) -> Sampled:
+    scores = [t.score for t in tables]
+    cost = {m: evaluate([t.cost(m) for t in tables], scores, fixed[m], rows) for m in ("params", "flops")}
+    return Sampled(name, kind, tuple(t.candidates[r] for t, r in zip(tables, rows, strict=True)),
+                   cost["params"].cost, cost["flops"].cost, cost["params"].score)
+
+
+def _pool(tables: Sequence[BlockTable], metric: str, rng: np.random.Generator, per_tilt: int) -> np.ndarray:
+    """Random row choices, (n, blocks): uniform ones plus exponentially tilted ones that reach both ends of the
+    cost range (uniform draws of a sum of many layers cluster in the middle)."""
+    draws = []
+    for tilt in TILTS:
+        cols = []
+        for t in tables:
+            cost = t.cost(metric)
+            spread = max(float(cost.max() - cost.min()), 1e-12)
+            weight = np.exp(tilt * (cost - cost.min()) / spread)
+            cols.append(rng.choice(len(cost), size=per_tilt, p=weight / weight.sum()))
+        draws.append(np.stack(cols, 1))
+    ends = [[int(np.argmin(t.cost(metric))) for t in tables], [int(np.argmax(t.cost(metric))) for t in tables]]
+    return np.unique(np.concatenate([np.asarray(ends), *draws]), axis=0)
+
+
+def draw(tables: Sequence[BlockTable], fixed: Mapping[str, float], metric: str, budget: float | None,
+         searched: Sequence[str], stratified: int, random: int, window: float, seed: int,
+         per_tilt: int = 4000) -> list[Sampled]:
+    """``stratified`` architectures, one per equal-width cost bin from the cheapest to the costliest; ``random``
+    architectures uniform among those costing within ``window`` below the budget (the searched network's cost when
+    there is none); and the searched one. Seeded; no architecture appears twice."""
+    rng = np.random.default_rng(seed)
+    rows = {t.name: {c: i for i, c in enumerate(t.candidates)} for t in tables}
+    searched_rows = tuple(rows[t.name][c] for t, c in zip(tables, searched, strict=True))
+    pool = _pool(tables, metric, rng, per_tilt)
+    costs = fixed[metric] + sum(t.cost(metric)[pool[:, b]] for b, t in enumerate(tables))
+    taken = {searched_rows}
+    picked: list[Sampled] = []
+    edges = np.linspace(costs.min(), costs.max(), stratified + 1)
+    for i in range(stratified):
+        inside = np.flatnonzero((costs >= edges[i]) & (costs <= edges[i + 1]))
+        free = [j for j in inside if tuple(pool[j]) not in taken]
+        if not free:  # a bin no draw reached: the unused draw nearest its middle
+            middle = (edges[i] + edges[i + 1]) / 2
+            free = [min((j for j in range(len(pool)) if tuple(pool[j]) not in taken),
+                        key=lambda j: abs(costs[j] - middle))]
+        j = int(rng.choice(free))
+        taken.add(tuple(pool[j]))
+        picked.append(_describe(f"s{i:02d}", "stratified", tables, fixed, pool[j]))
+    target = budget or getattr(_describe("", "", tables, fixed, searched_rows), metric)
+    uniform = pool[(costs <= target) & (costs >= (1 - window) * target)]
+    uniform = [tuple(r) for r in np.unique(uniform, axis=0) if tuple(r) not in taken]
+    if len(uniform) < random:
+        raise ValidationError(f"only {len(uniform)} architectures of the space cost {metric} in "
+                              f"[{(1 - window) * target:g}, {target:g}] (validate.window={window} below the budget), "
+                              f"validate.random={random} needed: widen validate.window or lower validate.random")
+    for k, i in enumerate(rng.choice(len(uniform), size=random, replace=False)):
+        picked.append(_describe(f"r{k:02d}", "random", tables, fixed, uniform[int(i)]))
+    picked.append(_describe("searched", "searched", tables, fixed, searched_rows))
+    return picked
+
+
+def read_sampled(path: Path | str) -> list[Sampled]:
+    """``archs.json`` written by the sample stage."""
+    from pipeline.checkpoint import ArtifactError, read_json
+
+    rebuild = "dvc repro validate/dvc.yaml:validate_sample"
+    content = read_json(path, rebuild)
+    try:
+        return [Sampled(**{**a, "candidates": tuple(a["candidates"])}) for a in content["architectures"]]
+    except (KeyError, TypeError) as err:
+        raise ArtifactError(f"{path} holds a malformed architecture list ({type(err).__name__}: {err}): rebuild it "
+                            f"with `{rebuild}`") from None
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def _tau(x: np.ndarray, y: np.ndarray) -> float:
+    value = stats.kendalltau(x, y).statistic
+    return float(value) if np.isfinite(value) else 0.0
+
+
+def rank_quality(truth: np.ndarray, predictors: Mapping[str, np.ndarray], resamples: int, seed: int,
+                 reference: str = "params") -> dict[str, float]:
+    """Kendall tau (permutation-free exact p-value from scipy), Spearman rho and a paired bootstrap 95% interval of
+    each predictor against ``truth`` (higher = better for both), plus the interval of each predictor's tau minus
+    ``reference``'s: with ~20 points the standard error of tau is ~0.15, so only the interval says "better"."""
+    truth = np.asarray(truth, dtype=float)
+    rng = np.random.default_rng(seed)
+    boots = rng.integers(0, len(truth), size=(resamples, len(truth)))
+    taus = {name: np.array([_tau(p[b], truth[b]) for b in boots]) for name, p in predictors.items()}
+    out: dict[str, float] = {"n": float(len(truth))}
+    for name, p in predictors.items():
+        tau = stats.kendalltau(p, truth)
+        out.update({f"{name}/tau": float(tau.statistic), f"{name}/tau_p": float(tau.pvalue),
+                    f"{name}/rho": float(stats.spearmanr(p, truth).statistic),
+                    f"{name}/tau_lo": float(np.quantile(taus[name], 0.025)),
+                    f"{name}/tau_hi": float(np.quantile(taus[name], 0.975))})
+        if name != reference and reference in taus:
+            diff = taus[name] - taus[reference]
+            out.update({f"{name}/minus_{reference}_lo": float(np.quantile(diff, 0.025)),
+                        f"{name}/minus_{reference}_hi": float(np.quantile(diff, 0.975))})
+    return out
+
+
+def at_budget(accuracy: Mapping[str, float], kinds: Mapping[str, str]) -> dict[str, float]:
+    """The searched network against the random ones of the same budget: their mean and std, its rank (1 = best)."""
+    randoms = np.array([acc for name, acc in accuracy.items() if kinds[name] == "random"])
+    searched = accuracy["searched"]
+    return {"searched/acc": searched, "random/mean": float(randoms.mean()),
+            "random/std": float(randoms.std(ddof=1)) if len(randoms) > 1 else 0.0,
+            "random/max": float(randoms.max()), "searched/rank": float(1 + (randoms > searched).sum()),
+            "searched/minus_random_mean": searched - float(randoms.mean()), "random/n": float(len(randoms))}
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+def write_json(path: Path, content: Any) -> None:
+    """Whole or not at all: a killed writer never leaves half a file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plot(path: Path, rows: Sequence[Mapping[str, Any]], metric: str) -> None:
+    """Predicted score and the size proxy against stand-alone accuracy, one colour per kind of architecture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for kind, colour in zip(KINDS, ("tab:blue", "tab:orange", "tab:red"), strict=True):
+        chosen = [r for r in rows if r["kind"] == kind]
+        for ax, key in zip(axes, ("score", metric), strict=True):
+            ax.scatter([r[key] for r in chosen], [100 * r["val_acc"] for r in chosen], c=colour, label=kind,
+                       marker="*" if kind == "searched" else "o", s=120 if kind == "searched" else 30)
+    axes[0].set_xlabel("DNA predicted score (sum of block scores, lower = better)")
+    axes[0].invert_xaxis()
+    axes[1].set_xlabel(f"{metric} (the 'bigger is better' proxy)")
+    axes[0].set_ylabel("stand-alone val accuracy (%)")
+    axes[0].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+RESULT, CHECKPOINT, EPOCHS = "result.json", "checkpoint.pt", "epochs.csv"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One architecture trained with one seed, in its own folder (its resumable unit)."""
+
+    arch: Sampled
+    seed: int
+    out_dir: Path
+    root: Path
+    params: Any  # pipeline.config.Params
+    threads: int
+
+
+def job_fingerprint(job: Job) -> str:
+    """What a unit's result depends on: architecture, seed, recipe, data size, runtime precision."""
+    from pipeline.config import as_dict
+    from pipeline.retrain import fingerprint
+
+    cfg = job.params.validate
+    return fingerprint(candidates=job.arch.candidates, seed=job.seed, recipe=as_dict(cfg.train),
+                       train_limit=cfg.train_limit, space=as_dict(job.params.space), amp=job.params.runtime.amp)
+
+
+def finished(job: Job) -> dict[str, Any] | None:
+    """The unit's result if it was trained under the same fingerprint (a changed setting retrains it)."""
+    path = job.out_dir / RESULT
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("fingerprint") == job_fingerprint(job) else None
+
+
+def train_unit(job: Job) -> dict[str, Any]:
+    """Train one architecture stand-alone with ``validate.train`` (resuming its per-epoch checkpoint) and return
+    its best-epoch val accuracy; runs in a worker process, so it loads everything itself."""
+    import time
+
+    import torch
+
+    from pipeline import runtime, student
+    from pipeline.data import Split, load_meta, load_split
+    from pipeline.retrain import record_epoch
+    from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
+    from pipeline.train import Loop, evaluate, fit
+
+    done = finished(job)
+    if done is not None:
+        return done
+    params, cfg, rt = job.params, job.params.validate, job.params.runtime
+    prepared = job.root / "data/prepared"
+    meta = load_meta(prepared)
+    spec = build_space(params.space, load_teacher_split(job.root / TEACHER_SPLIT))
+    choice = dict(zip([b.name for b in spec.blocks], job.arch.candidates, strict=True))
+    device = runtime.select_device(rt)
+    if device.type == "cpu":
+        torch.set_num_threads(job.threads)
+    runtime.seed_everything(job.seed)
+    model = runtime.to_device_model(student.create(student.model_args(spec, choice), meta), device, rt.channels_last)
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    if cfg.train_limit:
+        train = Split(train.images[:cfg.train_limit], train.labels[:cfg.train_limit])
+    loop = Loop(device, meta, job.seed, rt.amp, rt.channels_last, show_progress=False)
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = fit(model, train, val, cfg.train, loop, job.out_dir / CHECKPOINT, fingerprint=job_fingerprint(job),
+                on_epoch=lambda epoch, m: record_epoch(job.out_dir / EPOCHS, {"epoch": epoch, **m}))
+    best = evaluate(model, val, loop, cfg.train.eval_batch_size)
+    result = {"name": job.arch.name, "kind": job.arch.kind, "seed": job.seed, "fingerprint": job_fingerprint(job),
+              "val_acc": best["acc"], "val_loss": best["loss"], "seconds": time.perf_counter() - start}
+    write_json(job.out_dir / RESULT, result)
+    (job.out_dir / CHECKPOINT).unlink(missing_ok=True)  # the result is what later stages need
+    return result

@@ -1,0 +1,99 @@
+"""Validation stage `validate_train`: every drawn architecture trained stand-alone with one short recipe.
+
+    dvc repro validate/dvc.yaml          # or: python stages/validate_train.py validate.workers=1
+
+Reads artifacts/validate/archs.json and the prepared data. Each architecture x seed is its own resumable unit
+in artifacts/validate/runs/<name>/seed<k>/ (a per-epoch checkpoint while it trains, result.json when done), so an
+interrupted stage continues where it stopped and a changed recipe retrains only what it affects.
+validate.workers units train at once in separate processes, the CPU threads split between them; the
+costliest start first. Writes artifacts/validate/results.csv; MLflow gets one child run per unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from pipeline import cli, tracking, validation
+from pipeline.config import Params, as_dict, repo_root
+from pipeline.data import load_meta
+from pipeline.space import TEACHER_SPLIT, load_teacher_split
+
+OUT = Path("artifacts/validate")
+COLUMNS = ("name", "kind", "seed", "val_acc", "val_loss", "seconds")
+log = logging.getLogger("stages.validate_train")
+
+
+def run(params: Params) -> list[dict[str, Any]]:
+    root, v = repo_root(), params.validate
+    archs = validation.read_sampled(root / OUT / "archs.json")
+    load_meta(root / "data/prepared"), load_teacher_split(root / TEACHER_SPLIT)  # missing inputs fail here, not in a worker
+    workers = min(v.workers, len(archs) * v.seeds)
+    threads = params.runtime.threads or max(1, len(os.sched_getaffinity(0)) // workers)
+    jobs = [validation.Job(a, params.seed + k, root / OUT / "runs" / a.name / f"seed{k}", root, params, threads)
+            for a in sorted(archs, key=lambda a: -a.flops) for k in range(v.seeds)]  # costliest first
+    tracked = {"validate": as_dict(v), "space": as_dict(params.space), "seed": params.seed}
+    with tracking.stage_run("validate_train", tracked, root, params.tracking.experiment):
+        done = [(job, validation.finished(job)) for job in jobs]
+        results = [result for _, result in done if result is not None]
+        pending = [job for job, result in done if result is None]
+        log.info("%d of %d units to train (%d already done), %d at a time with %d threads each", len(pending),
+                 len(jobs), len(results), workers, threads)
+        for job, result in _train(pending, workers):
+            _log_unit(job, result)
+            results.append(result)
+            log.info("%s seed %d: val acc %.4f in %.0f s (%d/%d)", job.arch.name, job.seed, result["val_acc"],
+                     result["seconds"], len(results), len(jobs))
+        tracking.log_metrics({"units": len(results), "unit_seconds": sum(r["seconds"] for r in results)})
+    results.sort(key=lambda r: (r["name"], r["seed"]))
+    _write_csv(root / OUT / "results.csv", results)
+    return results
+
+
+def _train(jobs: list[validation.Job], workers: int):
+    """(job, result) as units finish; one process per worker (spawned: no forked torch state)."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from ((job, validation.train_unit(job)) for job in jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(validation.train_unit, job): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # finished units keep their results; running ones their checkpoints
+            raise
+
+
+def _log_unit(job: validation.Job, result: dict[str, Any]) -> None:
+    """A child run per unit: its architecture, cost, predicted score and per-epoch curve."""
+    with mlflow.start_run(run_name=f"{job.arch.name}/seed{job.seed}", nested=True):
+        mlflow.log_params({"kind": job.arch.kind, "candidates": " ".join(job.arch.candidates), "seed": job.seed})
+        tracking.log_metrics({"params": job.arch.params, "flops": job.arch.flops, "score": job.arch.score,
+                              "val/acc": result["val_acc"], "val/loss": result["val_loss"],
+                              "seconds": result["seconds"]})
+        with contextlib.suppress(OSError), open(job.out_dir / validation.EPOCHS, newline="") as f:
+            for row in csv.DictReader(f):
+                tracking.log_metrics({k: float(x) for k, x in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    cli.main(run)
