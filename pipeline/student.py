@@ -73,12 +73,13 @@ def read_architecture(path: Path | str) -> dict[str, Any]:
     return content
 
 
-def choice_of(architecture: Mapping[str, Any], spec: space.SpaceSpec, source: str = ARCHITECTURE) -> dict[str, str]:
+def choice_of(architecture: Mapping[str, Any], spec: space.SpaceSpec, source: str = ARCHITECTURE,
+              rebuild: str = ASSEMBLE) -> dict[str, str]:
     """{block: candidate id}, checked against the search space: block count, names, layer count, every op."""
     names = [b.name for b in spec.blocks]
     candidates = list(architecture["candidates"])
     blocks = list(architecture.get("blocks") or names[:len(candidates)])
-    fix = f"rebuild it with `{ASSEMBLE}` (or make space.blocks match it)"
+    fix = f"rebuild it with `{rebuild}` (or make space.blocks match it)"
     if len(candidates) != len(names) or blocks != names:
         raise StudentError(f"{source} has {len(candidates)} blocks {blocks} but the search space has {len(names)} "
                            f"{names}: {fix}")

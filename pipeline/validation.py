@@ -72,6 +72,20 @@ def _pool(tables: Sequence[BlockTable], metric: str, rng: np.random.Generator, p
     return np.unique(np.concatenate([np.asarray(ends), *draws]), axis=0)
 
 
+def _rows_of(tables: Sequence[BlockTable], candidates: Sequence[str]) -> tuple[int, ...]:
+    """Row indices of the searched architecture's candidates; a stale architecture fails with the fix."""
+    fix = "rebuild it with `dvc repro assemble`"
+    if len(candidates) != len(tables):
+        raise ValidationError(f"the searched architecture has {len(candidates)} blocks, the score tables "
+                              f"{len(tables)}: {fix}")
+    rows = []
+    for t, cid in zip(tables, candidates, strict=True):
+        if cid not in t.candidates:
+            raise ValidationError(f"the searched architecture's candidate {cid!r} is not in {t.source or t.name}: {fix}")
+        rows.append(t.candidates.index(cid))
+    return tuple(rows)
+
+
 def draw(tables: Sequence[BlockTable], fixed: Mapping[str, float], metric: str, budget: float | None,
          searched: Sequence[str], stratified: int, random: int, window: float, seed: int,
          per_tilt: int = 4000) -> list[Sampled]:
@@ -79,8 +93,7 @@ def draw(tables: Sequence[BlockTable], fixed: Mapping[str, float], metric: str, 
     architectures uniform among those costing within ``window`` below the budget (the searched network's cost when
     there is none); and the searched one. Seeded; no architecture appears twice."""
     rng = np.random.default_rng(seed)
-    rows = {t.name: {c: i for i, c in enumerate(t.candidates)} for t in tables}
-    searched_rows = tuple(rows[t.name][c] for t, c in zip(tables, searched, strict=True))
+    searched_rows = _rows_of(tables, searched)
     pool = _pool(tables, metric, rng, per_tilt)
     costs = fixed[metric] + sum(t.cost(metric)[pool[:, b]] for b, t in enumerate(tables))
     taken = {searched_rows}

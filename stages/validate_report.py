@@ -42,9 +42,9 @@ def run(params: Params) -> dict[str, float]:
     loss_truth = -np.array([r["val_loss"] for r in rows])  # a smoother ground truth than accuracy (lower = better)
     metrics.update({f"loss/{name}/tau": float(stats.kendalltau(p, loss_truth).statistic)
                     for name, p in predictors.items()})
-    for kind in ("stratified", "random"):
-        keep = np.array([a.kind == kind or (kind == "random" and a.kind == "searched") for a in archs])
-        subset = "stratified" if kind == "stratified" else "at_budget"
+    subsets = {"stratified": ("stratified",), "at_budget": ("random", "searched")}
+    for subset, kinds in subsets.items():
+        keep = np.array([a.kind in kinds for a in archs])
         for name, p in predictors.items():
             metrics[f"{subset}/{name}/tau"] = float(stats.kendalltau(p[keep], truth[keep]).statistic)
     if v.seeds >= 2:  # the noise ceiling: a ranking cannot agree with the ground truth better than it agrees with itself

@@ -23,9 +23,6 @@ def run(params: Params) -> list[validation.Sampled]:
     root, s, v = repo_root(), params.search, params.validate
     tables, fixed, _ = assembly.link_space(params, assembly.read_tables(root / s.scores_dir), root)
     searched = student.read_architecture(root / s.out_dir / "architecture.json")
-    if list(searched["candidates"]) and len(searched["candidates"]) != len(tables):
-        raise validation.ValidationError(f"{s.out_dir}/architecture.json has {len(searched['candidates'])} blocks, "
-                                         f"the score tables {len(tables)}: rebuild it with `dvc repro assemble`")
     sampled = validation.draw(tables, fixed, s.metric, s.budget or None, searched["candidates"], v.stratified,
                               v.random, v.window, params.seed)
     validation.write_json(root / OUT / "archs.json", {"metric": s.metric, "budget": s.budget,

@@ -22,12 +22,13 @@ from typing import Any
 
 import mlflow
 
-from pipeline import cli, tracking, validation
+from pipeline import cli, student, tracking, validation
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.data import load_meta
-from pipeline.space import TEACHER_SPLIT, load_teacher_split
+from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
 
 OUT = Path("artifacts/validate")
+SAMPLE = "dvc repro validate/dvc.yaml:validate_sample"
 COLUMNS = ("name", "kind", "seed", "val_acc", "val_loss", "seconds")
 log = logging.getLogger("stages.validate_train")
 
@@ -35,7 +36,10 @@ log = logging.getLogger("stages.validate_train")
 def run(params: Params) -> list[dict[str, Any]]:
     root, v = repo_root(), params.validate
     archs = validation.read_sampled(root / OUT / "archs.json")
-    load_meta(root / "data/prepared"), load_teacher_split(root / TEACHER_SPLIT)  # missing inputs fail here, not in a worker
+    load_meta(root / "data/prepared")  # missing or stale inputs fail here, in one line, not in a worker
+    spec = build_space(params.space, load_teacher_split(root / TEACHER_SPLIT))
+    for a in archs:
+        student.choice_of({"candidates": list(a.candidates)}, spec, str(OUT / "archs.json"), SAMPLE)
     workers = min(v.workers, len(archs) * v.seeds)
     threads = params.runtime.threads or max(1, len(os.sched_getaffinity(0)) // workers)
     jobs = [validation.Job(a, params.seed + k, root / OUT / "runs" / a.name / f"seed{k}", root, params, threads)

@@ -126,3 +126,11 @@ def test_a_corrupt_architecture_list_names_the_stage_to_rerun(tmp_path):
     (tmp_path / "archs.json").write_text('{"architectures": [{"name": "s00"}]}')
     with pytest.raises(ArtifactError, match="validate_sample"):
         validation.read_sampled(tmp_path / "archs.json")
+
+
+def test_a_stale_searched_architecture_names_the_fix(tables):
+    stale = _searched(tables)[:-1] + ["k9e9-k9e9"]
+    with pytest.raises(validation.ValidationError, match=r"'k9e9-k9e9' is not in .*dvc repro assemble"):
+        validation.draw(tables, FIXED, "params", None, stale, 3, 1, 0.1, seed=0)
+    with pytest.raises(validation.ValidationError, match="3 blocks, the score tables 4"):
+        validation.draw(tables, FIXED, "params", None, _searched(tables)[:3], 3, 1, 0.1, seed=0)
