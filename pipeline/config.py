@@ -192,7 +192,7 @@ class Validate:
     window: float = 0.1  # "at the budget" = cost within this fraction below it
     seeds: int = 2  # training seeds per architecture (averaged; >= 2 also gives the seed-to-seed noise ceiling)
     workers: int = 2  # architectures trained at once (CPU: threads split between them)
-    train_limit: int = 15000  # train images per unit (0 = the whole train split)
+    train_limit: int = 30000  # train images per unit (0 = the whole train split)
     train: Recipe = field(default_factory=_short_recipe)
     bootstrap: int = 2000  # resamples for the 95% intervals of tau
 
