@@ -34,7 +34,8 @@ class ValidationError(PipelineError):
 
 @dataclass(frozen=True)
 class Sampled:
-    """One architecture to train: its candidates per block, its cost and its predicted (summed) score."""
+    """One architecture to train: its candidates per block, its cost and its predicted score (the sum of its blocks'
+    scores, kept one by one so the report can tell which block ranks well)."""
 
     name: str
     kind: str  # stratified | random | searched
@@ -42,9 +43,10 @@ class Sampled:
     params: float
     flops: float
     score: float
+    block_scores: tuple[float, ...]
 
     def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "candidates": list(self.candidates)}
+        return {**asdict(self), "candidates": list(self.candidates), "block_scores": list(self.block_scores)}
 
 
 # ---------------------------------------------------------------------------------------------------- drawing
@@ -53,7 +55,8 @@ def _describe(name: str, kind: str, tables: Sequence[BlockTable], fixed: Mapping
     scores = [t.score for t in tables]
     cost = {m: evaluate([t.cost(m) for t in tables], scores, fixed[m], rows) for m in ("params", "flops")}
     return Sampled(name, kind, tuple(t.candidates[r] for t, r in zip(tables, rows, strict=True)),
-                   cost["params"].cost, cost["flops"].cost, cost["params"].score)
+                   cost["params"].cost, cost["flops"].cost, cost["params"].score,
+                   tuple(float(t.score[r]) for t, r in zip(tables, rows, strict=True)))
 
 
 def _pool(tables: Sequence[BlockTable], metric: str, rng: np.random.Generator, per_tilt: int) -> np.ndarray:
@@ -129,7 +132,8 @@ def read_sampled(path: Path | str) -> list[Sampled]:
     rebuild = "dvc repro validate/dvc.yaml:validate_sample"
     content = read_json(path, rebuild)
     try:
-        return [Sampled(**{**a, "candidates": tuple(a["candidates"])}) for a in content["architectures"]]
+        return [Sampled(**{**a, "candidates": tuple(a["candidates"]), "block_scores": tuple(a["block_scores"])})
+                for a in content["architectures"]]
     except (KeyError, TypeError) as err:
         raise ArtifactError(f"{path} holds a malformed architecture list ({type(err).__name__}: {err}): rebuild it "
                             f"with `{rebuild}`") from None

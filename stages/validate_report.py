@@ -42,6 +42,9 @@ def run(params: Params) -> dict[str, float]:
     loss_truth = -np.array([r["val_loss"] for r in rows])  # a smoother ground truth than accuracy (lower = better)
     metrics.update({f"loss/{name}/tau": float(stats.kendalltau(p, loss_truth).statistic)
                     for name, p in predictors.items()})
+    block_scores = -np.array([a.block_scores for a in archs])  # which block's score carries the ranking
+    metrics.update({f"block/{i}/dna_score/tau": float(stats.kendalltau(column, truth).statistic)
+                    for i, column in enumerate(block_scores.T)})
     subsets = {"stratified": ("stratified",), "at_budget": ("random", "searched")}
     for subset, kinds in subsets.items():
         keep = np.array([a.kind in kinds for a in archs])
@@ -101,6 +104,9 @@ def _markdown(m: dict[str, float], rows: list[dict[str, Any]], params: Params) -
                      f"{m[f'all/{name}/tau_hi']:.2f}] | {m[f'all/{name}/tau_p']:.3g} | {m[f'all/{name}/rho']:.3f} |")
     lines += ["", f"Against val loss instead of accuracy (smoother): tau {m['loss/dna_score/tau']:.3f} (params "
               f"{m['loss/params/tau']:.3f}, FLOPs {m['loss/flops/tau']:.3f})."]
+    blocks = sorted(int(k.split("/")[1]) for k in m if k.startswith("block/"))
+    lines += ["", "Each block's score alone against accuracy (block index: tau): "
+              + ", ".join(f"{i}: {m[f'block/{i}/dna_score/tau']:.2f}" for i in blocks) + "."]
     lines += ["", f"DNA score minus params tau, 95% paired bootstrap: [{m['all/dna_score/minus_params_lo']:.2f}, "
               f"{m['all/dna_score/minus_params_hi']:.2f}] (an interval above 0 = the score ranks better than size).",
               "", f"Within the stratified set: tau {m['stratified/dna_score/tau']:.3f} (params "

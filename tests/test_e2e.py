@@ -82,6 +82,9 @@ def test_validation_pipeline_on_the_smoke_run(smoke):
         assert metrics[f"all/{name}/tau_lo"] <= metrics[f"all/{name}/tau_hi"]
     assert 0 < metrics["budget/searched/acc"] <= 1 and 1 <= metrics["budget/searched/rank"] <= 3
     assert -1 <= metrics["noise/seed_tau"] <= 1, "two seeds per architecture give the noise ceiling"
+    archs = json.loads((dest / "artifacts/validate/archs.json").read_text())["architectures"]
+    assert all(len(a["block_scores"]) == len(a["candidates"]) for a in archs)
+    assert all(-1 <= metrics[f"block/{i}/dna_score/tau"] <= 1 for i in range(len(archs[0]["candidates"])))
     report = (dest / "artifacts/validate/report/report.md").read_text()
     assert "Kendall tau" in report and "searched" in report
     assert (dest / "artifacts/validate/report/scatter.png").stat().st_size > 1000

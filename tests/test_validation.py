@@ -40,7 +40,8 @@ def test_draw_spreads_over_the_cost_range_and_holds_random_ones_at_the_budget(ta
         rows = [t.candidates.index(c) for t, c in zip(tables, a.candidates, strict=True)]
         assert a.params == pytest.approx(_cost(tables, rows))
         assert a.flops == pytest.approx(_cost(tables, rows, "flops"))
-        assert a.score == pytest.approx(sum(float(t.score[r]) for t, r in zip(tables, rows, strict=True)))
+        assert a.block_scores == pytest.approx([float(t.score[r]) for t, r in zip(tables, rows, strict=True)])
+        assert a.score == pytest.approx(sum(a.block_scores))
         if a.kind == "random":
             assert 0.9 * budget <= a.params <= budget
     assert drawn[-1].candidates == tuple(_searched(tables))
@@ -96,7 +97,7 @@ def test_bad_validation_settings_fail_at_load(override, key):
 
 
 def _sampled(names):
-    return [validation.Sampled(n, "random" if n.startswith("r") else "stratified", ("k3e3",), 1.0, 1.0, 0.5)
+    return [validation.Sampled(n, "random" if n.startswith("r") else "stratified", ("k3e3",), 1.0, 1.0, 0.5, (0.5,))
             for n in names]
 
 
