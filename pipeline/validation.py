@@ -132,11 +132,16 @@ def read_sampled(path: Path | str) -> list[Sampled]:
     rebuild = "dvc repro validate/dvc.yaml:validate_sample"
     content = read_json(path, rebuild)
     try:
-        return [Sampled(**{**a, "candidates": tuple(a["candidates"]), "block_scores": tuple(a["block_scores"])})
-                for a in content["architectures"]]
+        sampled = [Sampled(**{**a, "candidates": tuple(a["candidates"]), "block_scores": tuple(a["block_scores"])})
+                   for a in content["architectures"]]
     except (KeyError, TypeError) as err:
         raise ArtifactError(f"{path} holds a malformed architecture list ({type(err).__name__}: {err}): rebuild it "
                             f"with `{rebuild}`") from None
+    uneven = [a.name for a in sampled if len(a.block_scores) != len(a.candidates)]
+    if uneven:
+        raise ArtifactError(f"{path}: {', '.join(uneven)} have a block score count unlike their block count: "
+                            f"rebuild it with `{rebuild}`")
+    return sampled
 
 
 # ---------------------------------------------------------------------------------------------------- statistics

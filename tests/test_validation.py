@@ -1,5 +1,7 @@
 """The ranking check's library: drawing architectures, rank statistics, the searched-vs-random comparison."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -126,6 +128,10 @@ def test_a_corrupt_architecture_list_names_the_stage_to_rerun(tmp_path):
         validation.read_sampled(tmp_path / "archs.json")
     (tmp_path / "archs.json").write_text('{"architectures": [{"name": "s00"}]}')
     with pytest.raises(ArtifactError, match="validate_sample"):
+        validation.read_sampled(tmp_path / "archs.json")
+    uneven = {**_sampled(["s00"])[0].as_json(), "block_scores": [0.2, 0.3]}
+    (tmp_path / "archs.json").write_text(json.dumps({"architectures": [uneven]}))
+    with pytest.raises(ArtifactError, match="s00 have a block score count unlike .*validate_sample"):
         validation.read_sampled(tmp_path / "archs.json")
 
 
