@@ -6,9 +6,9 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help setup data run smoke test bench ui lint
+.PHONY: help setup data run smoke test bench ui lint gpu-check
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-9s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed data  ## venv + package (pinned torch) + Fashion-MNIST + actionlint
 
@@ -29,6 +29,9 @@ run: setup  ## the default pipeline: dvc repro under one MLflow parent run
 
 smoke: setup  ## the whole DAG on configs/smoke.yaml, in .smoke/ (a copy: main outputs untouched)
 	$(PY) -m pipeline.smoke .smoke
+
+gpu-check: setup  ## smoke DAG on CUDA (amp off/on) + 1-GPU torchrun vs a CPU run; a dry run without CUDA
+	$(PY) -m pipeline.gpu_check .gpu-check
 
 test: setup  ## the test suite (includes an end-to-end smoke repro)
 	$(PY) -m pytest -q

@@ -6,14 +6,19 @@ previous checkpoint intact (timm's CheckpointSaver does the same).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(PipelineError):
@@ -53,3 +58,26 @@ def load(path: Path | str, rebuild: str, map_location: str | torch.device = "cpu
     if not isinstance(state, dict):
         raise ArtifactError(f"{path} does not hold a checkpoint dict: delete it and rebuild with `{rebuild}`")
     return state
+
+
+def same_identity(state: Mapping[str, Any], identity: Mapping[str, Any], path: Path | str) -> bool:
+    """Whether a checkpoint was made under ``identity`` (everything that defines its result: recipe, data, seed,
+    model, inputs). If not, one line names the parts that differ, so the user knows why the run starts over."""
+    saved = state.get("identity")
+    if not isinstance(saved, Mapping):
+        log.info("%s records no identity (an older format): starting over", path)
+        return False
+    changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if changed:
+        log.info("%s was made with another %s: starting over", path, ", ".join(changed))
+    return not changed
+
+
+def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes, dtypes and bytes of tensors: the identity of weights a run starts from."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -7,7 +7,6 @@ so a wrong key, type or value fails before any computation with a message naming
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -30,11 +29,11 @@ class ConfigError(PipelineError):
 @dataclass
 class Runtime:
     device: str = "auto"  # auto picks cuda when available
-    amp: bool = False  # autocast: bfloat16 on CPU, float16 on CUDA
+    amp: bool = False  # autocast: bfloat16; float16 + GradScaler on GPUs without bfloat16
     threads: int = 0  # 0 = one per core
     channels_last: bool = True  # 2-2.5x faster convolutions on CPU
     progress: bool = True  # bars only appear on a terminal either way
-    workers: int = 0  # DataLoader-free batching; kept for ImageFolder decoding
+    workers: int = 0  # processes decoding image folders in prepare (0 = in process); batching needs none
 
 
 @dataclass
@@ -44,8 +43,9 @@ class Data:
     download: bool = False  # torchvision download, only for users with internet
     image_size: int = 28
     val_fraction: float = 0.1  # held out of train: scoring and model selection
-    limit: int = 0  # 0 = all; else the first N images of the train pool (smoke runs)
+    limit: int = 0  # 0 = all; else N images of the train pool, every class in proportion (seeded; smoke runs)
     test_limit: int = 0
+    bad_images: str = "fail"  # fail | skip: unreadable image files stop prepare, or are left out (meta.json)
 
 
 @dataclass
@@ -220,8 +220,14 @@ class Params:
 
 
 def repo_root() -> Path:
-    """The folder holding params.yaml: DVC's root when run by DVC, else the working directory."""
-    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+    """The workspace a stage runs in (params.yaml, inputs, outputs): the working directory.
+
+    DVC starts every stage in its ``wdir``, the repository root for all stages here. ``DVC_ROOT`` is not the
+    workspace: for ``dvc exp run --temp`` and queued experiments DVC points it at the parent repository while the
+    stage runs in a temporary clone (``dvc/repo/experiments/queue/base.py``), so following it would overwrite the
+    main workspace's outputs. It names where the MLflow store lives instead (``pipeline.tracking``).
+    """
+    return Path.cwd().resolve()
 
 
 def load_params(overrides: Sequence[str] = (), root: Path | None = None) -> Params:
@@ -296,6 +302,8 @@ def _check(p: Params) -> None:
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     _require(d.limit >= 0, "data.limit", d.limit, "must be >= 0 (0 = all images)")
     _require(d.test_limit >= 0, "data.test_limit", d.test_limit, "must be >= 0 (0 = all images)")
+    _require(d.bad_images in ("fail", "skip"), "data.bad_images", d.bad_images, "fail or skip")
+    _require(rt.workers >= 0, "runtime.workers", rt.workers, "must be >= 0 (0 = decode in the prepare process)")
     _require(t.stem_stride >= 0, "teacher.stem_stride", t.stem_stride, "0 (model default) or a stride >= 1")
     _require(len(t.boundaries) >= 1 and list(t.boundaries) == sorted(set(t.boundaries)) and min(t.boundaries) >= 0,
              "teacher.boundaries", list(t.boundaries), "a strictly increasing list of feature_info indices")

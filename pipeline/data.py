@@ -8,11 +8,15 @@ per-sample Python of a DataLoader + PIL transforms would dominate the step time.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
+import math
+import os
 import random
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +70,16 @@ def _find_idx(root: Path, name: str) -> Path | None:
     return None
 
 
-def _fashion_mnist(cfg: Data) -> tuple[Split, Split, list[str]]:
+@dataclass
+class _Source:
+    """One split of a raw dataset: its labels up front, its images read on demand, in chunks."""
+
+    labels: np.ndarray  # int64 (N,)
+    images: np.ndarray | None = None  # uint8 (N, C, H, W), any H, W: datasets that fit in RAM as files do
+    files: list[str] | None = None  # image files (image folders), decoded to RGB by PIL
+
+
+def _fashion_mnist(cfg: Data) -> tuple[_Source, _Source, list[str]]:
     from torchvision.datasets import FashionMNIST
 
     root = Path(cfg.root)
@@ -76,18 +89,18 @@ def _fashion_mnist(cfg: Data) -> tuple[Split, Split, list[str]]:
             missing = [n for n, p in zip(_IDX_FILES, paths, strict=True) if p is None]
             raise _missing(cfg, f"Fashion-MNIST idx files {missing} not found")
         sets = [FashionMNIST(str(root), train=t, download=True) for t in (True, False)]
-        pool, test = (Split(s.data.numpy()[:, None], s.targets.numpy().astype(np.int64)) for s in sets)
+        pool, test = (_Source(s.targets.numpy().astype(np.int64), s.data.numpy()[:, None]) for s in sets)
         return pool, test, list(FashionMNIST.classes)
     try:
         arrays = [_read_idx(p) for p in paths]
     except (OSError, ValueError, IndexError) as err:
         raise DataError(f"cannot read the Fashion-MNIST idx files under {root}: {err}; reinstall them") from None
-    pool = Split(arrays[0][:, None], arrays[1].astype(np.int64))
-    test = Split(arrays[2][:, None], arrays[3].astype(np.int64))
+    pool = _Source(arrays[1].astype(np.int64), arrays[0][:, None])
+    test = _Source(arrays[3].astype(np.int64), arrays[2][:, None])
     return pool, test, list(FashionMNIST.classes)
 
 
-def _cifar(cfg: Data) -> tuple[Split, Split, list[str]]:
+def _cifar(cfg: Data) -> tuple[_Source, _Source, list[str]]:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
@@ -95,27 +108,28 @@ def _cifar(cfg: Data) -> tuple[Split, Split, list[str]]:
         sets = [cls(cfg.root, train=t, download=cfg.download) for t in (True, False)]
     except RuntimeError as err:
         raise _missing(cfg, f"{cfg.name} ({err})") from None
-    pool, test = (Split(np.ascontiguousarray(s.data.transpose(0, 3, 1, 2)), np.asarray(s.targets, np.int64))
-                  for s in sets)
+    pool, test = (_Source(np.asarray(s.targets, np.int64), s.data.transpose(0, 3, 1, 2)) for s in sets)
     return pool, test, list(sets[0].classes)
 
 
-def _image_folder(cfg: Data) -> tuple[Split, Split, list[str]]:
-    """``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), resized to image_size."""
-    from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+def _image_folder(cfg: Data) -> tuple[_Source, _Source, list[str]]:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``): torchvision's listing, nothing decoded yet."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     root = Path(cfg.root)
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise _missing(cfg, "ImageFolder layout root/train/<class>/ and root/test/<class>/ (or val/) not found")
-    tf = transforms.Compose([transforms.Resize((cfg.image_size, cfg.image_size)), transforms.PILToTensor()])
-    sets = [ImageFolder(str(d), transform=tf) for d in (root / "train", test_dir)]
-    out = []
-    for ds in sets:
-        images = np.stack([np.asarray(ds[i][0]) for i in range(len(ds))])
-        out.append(Split(images, np.asarray(ds.targets, np.int64)))
-    return out[0], out[1], list(sets[0].classes)
+    try:
+        classes, class_to_idx = find_classes(str(root / "train"))
+        if (test_classes := find_classes(str(test_dir))[0]) != classes:
+            raise DataError(f"{test_dir} has the classes {test_classes}, {root / 'train'} has {classes}: "
+                            "give both the same class folders")
+        samples = [make_dataset(str(d), class_to_idx, IMG_EXTENSIONS) for d in (root / "train", test_dir)]
+    except FileNotFoundError as err:
+        raise DataError(f"{err} (data.root={cfg.root!r})") from None
+    pool, test = (_Source(np.array([t for _, t in s], np.int64), files=[f for f, _ in s]) for s in samples)
+    return pool, test, classes
 
 
 _READERS = {"fashion_mnist": _fashion_mnist, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _image_folder}
@@ -129,6 +143,119 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+# ---------------------------------------------------------------- arrays on disk, a chunk at a time
+
+_CHUNK_BYTES = 16 << 20  # images held in RAM at once per process (decoding, copying, statistics)
+
+
+@dataclass
+class _RowFile:
+    """A uint8 (N, C, H, W) ``.npy`` read and written a chunk of rows at a time by positioned file I/O.
+
+    Not a whole-file memmap: mapping it would take address space for the whole dataset, which a job under an
+    address-space limit (``ulimit -v``, RLIMIT_AS) does not have. The file is an ordinary ``.npy``.
+    """
+
+    path: Path
+    shape: tuple[int, ...]
+    offset: int  # header bytes
+
+    @classmethod
+    def create(cls, path: Path, shape: tuple[int, ...]) -> _RowFile:
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            offset = f.tell()
+            f.truncate(offset + math.prod(shape))  # sparse until written
+        return cls(path, shape, offset)
+
+    @classmethod
+    def open(cls, path: Path) -> _RowFile:
+        with open(path, "rb") as f:
+            np.lib.format.read_magic(f)
+            shape = np.lib.format.read_array_header_1_0(f)[0]
+            return cls(path, shape, f.tell())
+
+    @property
+    def chunk_rows(self) -> int:
+        return max(1, _CHUNK_BYTES // math.prod(self.shape[1:]))
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(self.offset + start * math.prod(self.shape[1:]))
+            f.write(np.ascontiguousarray(rows, np.uint8).data)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        row = math.prod(self.shape[1:])
+        stop = min(stop, self.shape[0])
+        return np.fromfile(self.path, np.uint8, count=(stop - start) * row,
+                           offset=self.offset + start * row).reshape(stop - start, *self.shape[1:])
+
+
+def _decode_files(out: _RowFile, start: int, files: list[str], size: int) -> list[tuple[int, str]]:
+    """Decode image files to RGB size x size into rows ``start``.. of ``out`` (one worker's task); returns the
+    unreadable ones as (row, reason), their rows left zero."""
+    from PIL import Image
+
+    chunk, bad = np.zeros((len(files), 3, size, size), np.uint8), []
+    for i, file in enumerate(files):
+        try:
+            with Image.open(file) as img:
+                rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            chunk[i] = np.asarray(rgb).transpose(2, 0, 1)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # what PIL raises on bad files
+            bad.append((start + i, f"{type(err).__name__}: {' '.join(str(err).split())}"))
+    out.write(start, chunk)
+    return bad
+
+
+def _decode(source: _Source, rows: np.ndarray, path: Path, size: int,
+            workers: int) -> tuple[_RowFile, list[tuple[int, str]]]:
+    """The ``rows`` of ``source`` at size x size into a new array file; returns it and the unreadable rows."""
+    chans = 3 if source.files is not None else source.images.shape[1]
+    out = _RowFile.create(path, (len(rows), chans, size, size))
+    starts = range(0, len(rows), out.chunk_rows)
+    if source.files is None:
+        for s in starts:
+            out.write(s, _resize(source.images[rows[s:s + out.chunk_rows]], size))
+        return out, []
+    tasks = [(out, s, [source.files[i] for i in rows[s:s + out.chunk_rows]], size) for s in starts]
+    log.info("decoding %d images %s", len(rows), f"in {workers} worker processes" if workers else "in process")
+    if not workers:
+        return out, [b for task in tasks for b in _decode_files(*task)]
+    with ProcessPoolExecutor(workers) as pool:
+        return out, [b for bad in pool.map(_decode_files, *zip(*tasks, strict=True)) for b in bad]
+
+
+def _move_rows(src: _RowFile, targets: dict[Path, np.ndarray]) -> None:
+    """Copy the sorted rows ``targets[path]`` of ``src`` into a new array file per path, one window of ``src`` at a
+    time, then delete ``src`` (renamed instead when one target takes every row)."""
+    if len(targets) == 1 and len(idx := next(iter(targets.values()))) == src.shape[0]:
+        src.path.rename(next(iter(targets)))
+        return
+    outs = {p: (_RowFile.create(p, (len(idx), *src.shape[1:])), idx) for p, idx in targets.items()}
+    done = dict.fromkeys(targets, 0)
+    for start in range(0, src.shape[0], src.chunk_rows):
+        window = src.read(start, start + src.chunk_rows)
+        for p, (out, idx) in outs.items():
+            lo, hi = np.searchsorted(idx, [start, start + src.chunk_rows])
+            out.write(done[p], window[idx[lo:hi] - start])
+            done[p] += hi - lo
+    src.path.unlink()
+
+
+def _channel_stats(images: _RowFile) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1], from exact integer sums (a chunk at a time, no float copy of the split)."""
+    chans = images.shape[1]
+    s1, s2 = [0] * chans, [0] * chans
+    for start in range(0, images.shape[0], images.chunk_rows):
+        chunk = images.read(start, start + images.chunk_rows)
+        for c in range(chans):
+            s1[c] += int(chunk[:, c].sum(dtype=np.uint64))
+            s2[c] += int(np.square(chunk[:, c], dtype=np.uint16).sum(dtype=np.uint64))  # 255^2 fits in uint16
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    return [a / n / 255 for a in s1], [math.sqrt((n * b - a * a) / (n * n)) / 255 for a, b in zip(s1, s2, strict=True)]
+
+
 # ---------------------------------------------------------------- prepare stage
 
 
@@ -139,34 +266,84 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def prepare(cfg: Data, seed: int, out_dir: Path) -> dict:
-    """Read the raw dataset, split it, write uint8 arrays + meta.json + splits.json; returns meta."""
-    pool, test, classes = _READERS[cfg.name](cfg)
-    if cfg.limit:
-        pool = Split(pool.images[: cfg.limit], pool.labels[: cfg.limit])
-    if cfg.test_limit:
-        test = Split(test.images[: cfg.test_limit], test.labels[: cfg.test_limit])
-    train_idx, val_idx = split_indices(len(pool.labels), cfg.val_fraction, seed)
-    splits = {
-        "train": Split(_resize(pool.images[train_idx], cfg.image_size), pool.labels[train_idx]),
-        "val": Split(_resize(pool.images[val_idx], cfg.image_size), pool.labels[val_idx]),
-        "test": Split(_resize(test.images, cfg.image_size), test.labels),
-    }
-    train = splits["train"].images
-    mean = [float(train[:, c].mean() / 255) for c in range(train.shape[1])]
-    std = [float(train[:, c].std() / 255) for c in range(train.shape[1])]
-    meta = {"name": cfg.name, "num_classes": len(classes), "in_chans": int(train.shape[1]),
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``n`` samples (0 = all), every class in proportion to its size (largest remainders) and,
+    when ``n`` is at least the number of classes, every class at least once; seeded.
+
+    Datasets listed class by class (ImageFolder) would keep only their first classes with a plain ``[:n]``.
+    """
+    if not n or n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    take[np.argsort(take - quota, kind="stable")[: n - take.sum()]] += 1
+    if n >= len(classes):
+        for k in np.flatnonzero(take == 0):
+            take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1  # from the most over-served class
+            take[k] = 1
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), t, replace=False)
+                                   for c, t in zip(classes, take, strict=True)]))
+
+
+def _check_unreadable(cfg: Data, skipped: list[dict]) -> None:
+    if not skipped:
+        return
+    first = f"the first {skipped[0]['file']} ({skipped[0]['error']})"
+    if cfg.bad_images == "fail":
+        s = "s" if len(skipped) > 1 else ""
+        raise DataError(f"{len(skipped)} unreadable image{s} under data.root={cfg.root!r}, {first}: fix or delete "
+                        "them, or set data.bad_images=skip to leave them out")
+    log.warning("skipped %d unreadable images (listed in meta.json), %s", len(skipped), first)
+
+
+def _write_splits(cfg: Data, seed: int, workers: int, sources: dict[str, _Source], classes: list[str],
+                  out: Path) -> dict:
+    """Decode each source's limited rows into ``out``, drop unreadable ones, split the pool; returns meta."""
+    rows, decoded, kept, skipped = {}, {}, {}, []
+    for name, limit in (("pool", cfg.limit), ("test", cfg.test_limit)):
+        source = sources[name]
+        rows[name] = stratified_subset(source.labels, limit, seed)  # indices into the source
+        decoded[name], bad = _decode(source, rows[name], out / f"{name}.npy", cfg.image_size, workers)
+        kept[name] = np.setdiff1d(np.arange(len(rows[name])), [r for r, _ in bad])  # readable rows of decoded
+        skipped += [{"file": os.path.relpath(source.files[rows[name][r]], cfg.root), "error": e} for r, e in bad]
+    _check_unreadable(cfg, skipped)
+    if len(kept["pool"]) < 2:
+        raise DataError(f"data.root={cfg.root!r} has {len(kept['pool'])} readable train images: need at least 2")
+    train, val = (kept["pool"][i] for i in split_indices(len(kept["pool"]), cfg.val_fraction, seed))
+    positions = {"train": ("pool", train), "val": ("pool", val), "test": ("test", kept["test"])}
+    for name in ("pool", "test"):
+        _move_rows(decoded[name], {out / f"{s}_images.npy": p for s, (src, p) in positions.items() if src == name})
+    for s, (src, p) in positions.items():
+        np.save(out / f"{s}_labels.npy", sources[src].labels[rows[src][p]])
+    train_images = _RowFile.open(out / "train_images.npy")
+    mean, std = _channel_stats(train_images)
+    (out / "splits.json").write_text(json.dumps({"seed": seed, "val_fraction": cfg.val_fraction,
+                                                 "train": rows["pool"][train].tolist(),
+                                                 "val": rows["pool"][val].tolist()}))
+    return {"name": cfg.name, "num_classes": len(classes), "in_chans": int(train_images.shape[1]),
             "image_size": cfg.image_size, "mean": mean, "std": std, "classes": classes,
-            "sizes": {k: int(len(v.labels)) for k, v in splits.items()}}
+            "sizes": {s: int(len(p)) for s, (_, p) in positions.items()}, "skipped": skipped}
+
+
+def prepare(cfg: Data, seed: int, out_dir: Path, workers: int = 0) -> dict:
+    """Read the raw dataset, draw the limited subsets, split, write uint8 arrays + meta.json + splits.json.
+
+    Images reach disk a chunk at a time (image folders decoded by ``workers`` processes, 0 = in this one), so RAM
+    stays bounded whatever the dataset's size. Everything is written next to ``out_dir`` first: a failure leaves
+    an existing ``out_dir`` as it was. Returns meta.
+    """
+    pool, test, classes = _READERS[cfg.name](cfg)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, split in splits.items():
-        np.save(tmp / f"{name}_images.npy", np.ascontiguousarray(split.images))
-        np.save(tmp / f"{name}_labels.npy", split.labels)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "splits.json").write_text(json.dumps(
-        {"seed": seed, "val_fraction": cfg.val_fraction, "train": train_idx.tolist(), "val": val_idx.tolist()}))
+    try:
+        meta = _write_splits(cfg, seed, workers, {"pool": pool, "test": test}, classes, tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return meta
@@ -247,3 +424,15 @@ def batches(split: Split, meta: dict, batch_size: int, device: torch.device, *, 
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, torch.from_numpy(split.labels[idx]).to(device, non_blocking=True)
+
+
+def prepared_identity(prepared_dir: Path | str) -> str:
+    """What a model trained on the prepared data depends on: meta (sizes, classes, statistics), the split indices
+    and every label array. A changed seed, limit, fraction or dataset changes it; reading it costs milliseconds."""
+    base, digest = Path(prepared_dir), hashlib.sha256()
+    for name in ("meta.json", "splits.json", *(f"{s}_labels.npy" for s in SPLITS)):
+        try:
+            digest.update(name.encode() + (base / name).read_bytes())
+        except OSError as err:
+            raise DataError(f"{base / name} is unreadable ({type(err).__name__}): run `dvc repro prepare`") from None
+    return digest.hexdigest()[:16]

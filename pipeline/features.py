@@ -23,11 +23,12 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ _READ_CHUNK = 8 << 20
 
 ExtractFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Item, Loaded = TypeVar("Item"), TypeVar("Loaded")
 
 
 def _sha256_file(path: Path | str) -> str:
@@ -354,12 +356,19 @@ class FeatureCache:
             raise KeyError(f"feature key {key!r} is not in the cache; keys are {', '.join(self.keys)}")
         return tuple(self.manifest["keys"][key]["shape"])
 
-    def get(self, split: str, key: str, index: np.ndarray | slice) -> torch.Tensor:
-        """A float32 batch; ``index`` is a slice or an int array (any order: shuffled batches)."""
+    def get(self, split: str, key: str, index: np.ndarray | slice, pin_memory: bool = False) -> torch.Tensor:
+        """A float32 batch; ``index`` is a slice or an int array (any order: shuffled batches).
+
+        ``pin_memory`` (CUDA only) writes it into page-locked memory, so the copy to the GPU can be asynchronous.
+        """
         self.shape(key)
         self._split(split)
         mapped = self._arrays[(split, key)]
         batch = np.asarray(mapped[index])
+        if pin_memory:
+            pinned = torch.empty(batch.shape, dtype=torch.float32, pin_memory=True)
+            pinned.numpy()[...] = batch
+            return pinned
         # Fancy indexing has copied already; a slice is a view of the read-only map and must not escape.
         return torch.from_numpy(batch.astype(np.float32, copy=np.may_share_memory(batch, mapped)))
 
@@ -371,6 +380,22 @@ class FeatureCache:
         if split not in self.manifest["splits"]:
             raise KeyError(f"split {split!r} is not in the cache; splits are {', '.join(self.manifest['splits'])}")
         return self.manifest["splits"][split]
+
+
+def prefetch(load: Callable[[Item], Loaded], items: Iterable[Item], depth: int = 1) -> Iterator[Loaded]:
+    """``load(item)`` of every item, in order, run ``depth`` items ahead on one background thread.
+
+    numpy's gathers and casts and torch's copies release the GIL, so the next batch is read while the caller's
+    step runs; the values and their order are exactly those of calling ``load`` in the loop.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending: deque[Future[Loaded]] = deque()
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:

@@ -42,10 +42,11 @@ def latency_ms(models: Mapping[str, nn.Module], shape: Sequence[int], batches: S
     """Median milliseconds per forward, per model and batch size.
 
     Models take turns on every repetition, so load from other processes on a shared machine hits them alike and
-    their ratio stays meaningful even when the absolute numbers drift.
+    their ratio stays meaningful even when the absolute numbers drift. Models are moved to the CPU (the inputs'
+    device) whatever device they were loaded on.
     """
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    models = {name: m.eval().to(memory_format=layout) for name, m in models.items()}
+    models = {name: m.eval().to("cpu", memory_format=layout) for name, m in models.items()}
     out: dict[str, dict[int, float]] = {name: {} for name in models}
     with _threads(threads):
         for batch in batches:

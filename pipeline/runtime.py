@@ -61,12 +61,51 @@ def select_device(rt: Runtime) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 on CPU (no scaler needed), float16 on CUDA; a no-op when disabled."""
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """``runtime.amp``'s autocast dtype: bfloat16 (float32's range, no loss scaling), float16 on GPUs without it."""
     if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Autocast to ``amp_dtype``; a no-op when disabled."""
+    dtype = amp_dtype(device, enabled)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Precision:
+    """A training loop's mixed precision: the autocast context, and a GradScaler where float16 needs one.
+
+    float16's smallest normal value (6e-5) is above the supernet's MSE gradients (~1e-6): without loss scaling
+    they flush to zero. The scaler multiplies the loss before backward, unscales before the step and skips steps
+    with inf/NaN gradients. With bfloat16 or amp off it is disabled and backward/step are the plain calls.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device, self.enabled = device, enabled
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, enabled) == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.enabled)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scaler's state for a checkpoint; empty when there is no scaler (amp off, bfloat16)."""
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the loss scale; a checkpoint without one (amp off, bfloat16) leaves the initial scale."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
 
 def seed_everything(seed: int) -> None:

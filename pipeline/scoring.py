@@ -55,8 +55,8 @@ def load_rating_data(data: BlockData, cfg: Score, seed: int, device: torch.devic
     wanted = cfg.batches * cfg.batch_size
     if wanted > n_val:
         log.warning("score.batches x score.batch_size = %d > %d val samples: rating on all of them", wanted, n_val)
-    pairs = [data.batch("val", np.arange(start, min(start + cfg.batch_size, n_val)), device, channels_last)
-             for start in range(0, min(wanted, n_val), cfg.batch_size)]
+    pairs = list(data.batches("val", (np.arange(start, min(start + cfg.batch_size, n_val))
+                                      for start in range(0, min(wanted, n_val), cfg.batch_size)), device, channels_last))
     bn_index = np.random.default_rng([seed, 3]).permutation(n_train)[:cfg.bn_batch_size]
     bn_input, _ = data.batch("train", bn_index, device, channels_last)
     return RatingData(inputs=[x for x, _ in pairs], targets=[t for _, t in pairs], bn_input=bn_input)

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from pipeline import checkpoint, runtime
 from pipeline import space as space_module
 from pipeline.config import Params, Supernet, as_dict
+from pipeline.features import prefetch
 from pipeline.space import BlockSpec, build_layer, build_stem, candidate_id
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Features(Protocol):
 
     def shape(self, key: str) -> tuple[int, ...]: ...
 
-    def get(self, split: str, key: str, index: np.ndarray | slice) -> torch.Tensor: ...
+    def get(self, split: str, key: str, index: np.ndarray | slice, pin_memory: bool = False) -> torch.Tensor: ...
 
 
 def fingerprint(params: Params, name: str, cache: Features) -> str:
@@ -166,12 +167,26 @@ class BlockData:
 
     def batch(self, split: str, index: np.ndarray, device: torch.device, channels_last: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._to(self._read(split, index, device), device, channels_last)
+
+    def batches(self, split: str, indices: Iterable[np.ndarray], device: torch.device, channels_last: bool = False
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``batch`` of every index array, in order; a background thread reads and converts the next one while
+        the caller computes on this one (into pinned memory on CUDA, so the copy to the GPU is asynchronous)."""
+        for pair in prefetch(lambda index: self._read(split, index, device), indices):
+            yield self._to(pair, device, channels_last)
+
+    def _read(self, split: str, index: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         index = np.sort(index)  # sorted reads are sequential in the memory-mapped cache
-        x = self.cache.get(split, self.in_key, index).to(device, non_blocking=True)
-        t = self.cache.get(split, self.target_key, index).to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, t
+        pin = device.type == "cuda"
+        return (self.cache.get(split, self.in_key, index, pin_memory=pin),
+                self.cache.get(split, self.target_key, index, pin_memory=pin))
+
+    @staticmethod
+    def _to(pair: tuple[torch.Tensor, torch.Tensor], device: torch.device, channels_last: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, t = (v.to(device, non_blocking=True) for v in pair)
+        return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), t
 
 
 def feature_moments(cache: Features, split: str, key: str, chunk: int = 4096) -> dict[str, torch.Tensor]:
@@ -261,7 +276,8 @@ def train_block(net: SupernetBlock, data: BlockData, cfg: Supernet, run: Run,
     optimizer = create_optimizer_v2(net, opt=cfg.opt, lr=run.lr or cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=cfg.epochs, decay_epochs=1,
                                        decay_rate=cfg.lr_decay)
-    history, start = _resume(run, net, optimizer)
+    precision = runtime.Precision(run.device, run.amp)
+    history, start = _resume(run, net, optimizer, precision)
     if start == cfg.epochs:
         log.info("block %s: checkpoint %s already holds all %d epochs", net.block.name, run.checkpoint, cfg.epochs)
         return history
@@ -272,14 +288,15 @@ def train_block(net: SupernetBlock, data: BlockData, cfg: Supernet, run: Run,
     val_paths = [val_sampler() for _ in range(cfg.val_paths)]
     for epoch in range(start, cfg.epochs):
         scheduler.step(epoch)
-        row = _train_epoch(model, optimizer, data, cfg, run, epoch)
+        row = _train_epoch(model, optimizer, precision, data, cfg, run, epoch)
         row.update(evaluate(net, data, val_index, bn_index, val_paths, run))
         row.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"])
         history.append(row)
         if runtime.is_main():
             checkpoint.save(run.checkpoint, {"fingerprint": run.fingerprint, "block": net.block.name,
                                              "epoch": epoch + 1, "epochs": cfg.epochs, "model": net.state_dict(),
-                                             "optimizer": optimizer.state_dict(), "history": history})
+                                             "optimizer": optimizer.state_dict(), "scaler": precision.state_dict(),
+                                             "history": history})
             log.info("block %s epoch %d/%d: train %.5f val %.5f (paths %.5f..%.5f) %.0f img/s, checkpoint saved",
                      net.block.name, epoch + 1, cfg.epochs, row["train_loss"], row["val_loss"], row["val_loss_min"],
                      row["val_loss_max"], row["images_per_s"])
@@ -290,7 +307,8 @@ def train_block(net: SupernetBlock, data: BlockData, cfg: Supernet, run: Run,
     return history
 
 
-def _resume(run: Run, net: SupernetBlock, optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, float]], int]:
+def _resume(run: Run, net: SupernetBlock, optimizer: torch.optim.Optimizer, precision: runtime.Precision
+            ) -> tuple[list[dict[str, float]], int]:
     if not run.checkpoint.exists():
         return [], 0
     state = checkpoint.load(run.checkpoint, run.rebuild)
@@ -300,6 +318,7 @@ def _resume(run: Run, net: SupernetBlock, optimizer: torch.optim.Optimizer) -> t
         return [], 0
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    precision.load_state_dict(state.get("scaler", {}))
     log.info("block %s: resuming from checkpoint %s after epoch %d/%d", net.block.name, run.checkpoint,
              state["epoch"], state["epochs"])
     return list(state["history"]), int(state["epoch"])
@@ -311,11 +330,12 @@ def _eval_indices(data: BlockData, cfg: Supernet, block: BlockSpec, seed: int) -
     return np.arange(min(cfg.val_samples, data.cache.num_samples("val"))), bn
 
 
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: BlockData, cfg: Supernet, run: Run,
-                 epoch: int) -> dict[str, float]:
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, precision: runtime.Precision, data: BlockData,
+                 cfg: Supernet, run: Run, epoch: int) -> dict[str, float]:
     """``train_samples`` fresh random train samples (all by default), one sampled path per step.
 
-    Under DDP each rank takes every world-th batch of the same order.
+    Under DDP each rank takes every world-th batch of the same order. The loss sum stays on the device (no sync
+    per step) in float64, as exact as Python floats, and is all-reduced there (NCCL takes device tensors only).
     """
     net = runtime.unwrap(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -324,25 +344,26 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Block
     order = rng.permutation(n_train)[:cfg.train_samples or n_train]
     sampler = PathSampler(net.block, cfg.sampler, rng)
     steps = len(order) // (cfg.batch_size * world)
+    bs = cfg.batch_size
+    indices = [order[first:first + bs] for first in range(rank * bs, steps * world * bs, world * bs)]
     model.train()
-    total, seen, start = 0.0, 0, time.perf_counter()
-    for step in runtime.progress(range(steps), run.progress, desc=f"{net.block.name} epoch {epoch + 1}"):
+    stats, start = torch.zeros(2, dtype=torch.float64, device=run.device), time.perf_counter()  # loss sum, samples
+    pairs = data.batches("train", indices, run.device, run.channels_last)
+    for x, t in runtime.progress(pairs, run.progress, total=steps, desc=f"{net.block.name} epoch {epoch + 1}"):
         cid = sampler()  # every rank draws the same path: same seed, same sequence
-        first = (step * world + rank) * cfg.batch_size
-        x, t = data.batch("train", order[first:first + cfg.batch_size], run.device, run.channels_last)
-        with runtime.autocast(run.device, run.amp):
+        with precision.autocast():
             y = model(x, cid)
         loss = F.mse_loss(y.float(), net.to_target_units(t))
         optimizer.zero_grad(set_to_none=True)  # unsampled ops keep grad None, so Adam leaves them alone
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(x)
-        seen += len(x)
+        precision.backward(loss)
+        precision.step(optimizer)
+        stats[0] += loss.detach().double() * len(x)
+        stats[1] += len(x)
     elapsed = time.perf_counter() - start
-    stats = torch.tensor([total, seen], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(stats)
-    return {"train_loss": float(stats[0] / max(stats[1], 1)), "images_per_s": float(stats[1] / max(elapsed, 1e-9))}
+    loss_sum, seen = (float(v) for v in stats)
+    return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen / max(elapsed, 1e-9)}
 
 
 @torch.no_grad()
@@ -354,8 +375,8 @@ def evaluate(net: SupernetBlock, data: BlockData, val_index: np.ndarray, bn_inde
     """
     net = copy.deepcopy(runtime.unwrap(net)).eval()
     x_bn, _ = data.batch("train", bn_index, run.device, run.channels_last)
-    batches = [data.batch("val", val_index[i:i + cfg_batch], run.device, run.channels_last)
-               for i in range(0, len(val_index), cfg_batch)]
+    batches = list(data.batches("val", (val_index[i:i + cfg_batch] for i in range(0, len(val_index), cfg_batch)),
+                                run.device, run.channels_last))
     losses = []
     for cid in paths:
         path = net.path(cid)

@@ -156,6 +156,42 @@ def _block_modules(model: nn.Module, boundary_modules: list[str], x: torch.Tenso
     return blocks
 
 
+_MAX_IMAGE_SIZE = 2048  # the resolution check looks no further for a size that works
+
+
+def _forward_error(model: nn.Module, in_chans: int, size: int) -> str | None:
+    """Why a forward of one zero image of ``size`` px fails (a map below 1 px, a kernel larger than its padded
+    input), or None when it runs."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, size, size))
+    except RuntimeError as err:
+        return " ".join(str(err).split())
+    return None
+
+
+def check_resolution(model: nn.Module, in_chans: int, image_size: int) -> None:
+    """Fail in one line, naming the smallest image size that works, when the model downsamples ``image_size`` px
+    images away. Map sizes never shrink as the input grows, so doubling then bisecting finds it in a few forwards
+    (eval mode: batch norm on 1x1 maps of one image would fail in training mode)."""
+    error = _forward_error(model, in_chans, image_size)
+    if error is None:
+        return
+    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    low, high = image_size, image_size * 2
+    while _forward_error(model, in_chans, high) is not None:
+        if high >= _MAX_IMAGE_SIZE:
+            raise TeacherError(f"teacher {name} fails on {in_chans}-channel images of every size from "
+                               f"data.image_size={image_size} to {high} px: {error}")
+        low, high = high, min(high * 2, _MAX_IMAGE_SIZE)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if _forward_error(model, in_chans, mid) is not None else (low, mid)
+    raise TeacherError(f"teacher {name} downsamples data.image_size={image_size} px images below what its layers "
+                       f"accept ({error}): set data.image_size >= {high}, or reduce its downsampling "
+                       "(teacher.stem_stride, teacher.stem_pool=false, another teacher.name)")
+
+
 def block_split(model: nn.Module, boundaries: list[int], in_chans: int, image_size: int) -> list[dict]:
     """Per block: teacher modules, channels, stride and map sizes at the configured image size."""
     info = model.feature_info
@@ -167,11 +203,14 @@ def block_split(model: nn.Module, boundaries: list[int], in_chans: int, image_si
     modules = [entries[i]["module"] for i in boundaries]
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, in_chans, image_size, image_size)
-    with torch.no_grad():
-        outs = _Recorder(model, modules, stop=False).run(model, x)
-    members = _block_modules(model, modules, x)
-    model.train(was_training)
+    try:
+        check_resolution(model, in_chans, image_size)
+        x = torch.zeros(1, in_chans, image_size, image_size)
+        with torch.no_grad():
+            outs = _Recorder(model, modules, stop=False).run(model, x)
+        members = _block_modules(model, modules, x)
+    finally:
+        model.train(was_training)
     blocks, prev_ch, prev_hw = [], in_chans, (image_size, image_size)
     for b, (boundary, out) in enumerate(zip(boundaries, outs, strict=True)):
         hw = tuple(out.shape[-2:])

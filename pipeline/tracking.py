@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the main repository: under ``dvc exp run --temp`` and queued
+    experiments DVC sets ``DVC_ROOT`` to it while ``root`` is a temporary clone that is deleted afterwards."""
+    main = Path(os.environ.get("DVC_ROOT") or root).resolve()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{main / 'mlflow.db'}"
 
 
 def init_store(uri: str) -> None:
@@ -68,16 +71,32 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _parent_run_id(client: Any) -> str | None:
+def _parent_run_id(client: Any, experiment_id: str) -> str | None:
     parent = os.environ.get(PARENT_ENV) or None
     if parent is None:
-        return None
+        return _experiment_parent(client, experiment_id)
     try:
         client.get_run(parent)
     except Exception:  # noqa: BLE001 - any lookup failure means the id is unusable
         log.warning("%s=%s is not a run in this store; logging a top-level run", PARENT_ENV, parent)
         return None
     return parent
+
+
+def _experiment_parent(client: Any, experiment_id: str) -> str | None:
+    """The parent run of one DVC experiment (``dvc exp run`` runs no ``pipeline.repro``): named after it, found by
+    its name and baseline commit, created by its first stage. None outside experiments."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if not name:
+        return None
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+    query = f"tags.`dvc.exp` = '{name}' and tags.`dvc.baseline` = '{baseline}' and tags.`dvc.stage` = 'pipeline'"
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={"dvc.stage": "pipeline", "dvc.exp": name, "dvc.baseline": baseline})
+    return run.info.run_id
 
 
 @contextlib.contextmanager
@@ -91,7 +110,7 @@ def stage_run(stage: str, params: Mapping[str, Any], root: Path, experiment: str
 
     uri = tracking_uri(root)
     init_store(uri)
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
+    experiment_id = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment).experiment_id
     # An inherited MLFLOW_RUN_ID would make start_run resume that run and ignore the parent.
     os.environ.pop("MLFLOW_RUN_ID", None)
     name = f"{stage}@{block}" if block is not None else stage
@@ -103,12 +122,20 @@ def stage_run(stage: str, params: Mapping[str, Any], root: Path, experiment: str
         "params.hash": params_hash(params),
         "dvc.exp": os.environ.get("DVC_EXP_NAME", ""),
     }
-    with mlflow.start_run(run_name=name, parent_run_id=_parent_run_id(mlflow.MlflowClient(uri)), tags=tags) as run:
-        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
-        items = list(flat.items())
-        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            mlflow.log_params(dict(items[start:start + 100]))
-        yield run
+    client = mlflow.MlflowClient(uri)
+    parent = _parent_run_id(client, experiment_id)
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags) as run:
+            flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
+            items = list(flat.items())
+            for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                mlflow.log_params(dict(items[start:start + 100]))
+            yield run
+            status = "FINISHED"
+    finally:
+        if parent is not None and not os.environ.get(PARENT_ENV):
+            client.set_terminated(parent, status)  # an experiment's parent ends with its latest stage
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:

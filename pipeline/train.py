@@ -1,17 +1,19 @@
 """The shared classification loop (teacher, retrained student): resume, epochs, evaluate, checkpoint.
 
 Optimizer and schedule come from timm's factories; the checkpoint after every epoch holds model,
-optimizer, epoch, the recipe and a caller's fingerprint, so a killed run resumes where it stopped. Callers
-may swap the loss (knowledge distillation) and keep a timm EMA of the weights (the retrained student).
+optimizer, epoch and the run's identity (recipe, data, seed, model, inputs), so a killed run resumes where it
+stopped and a changed setting starts over. Callers may swap the loss (knowledge distillation) and keep a timm EMA
+of the weights (the retrained student).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from pipeline import checkpoint
 from pipeline.config import Recipe, as_dict
 from pipeline.data import Split, batches
-from pipeline.runtime import autocast, init_distributed, is_main, maybe_ddp, progress, unwrap
+from pipeline.runtime import Precision, autocast, init_distributed, is_main, maybe_ddp, progress, unwrap
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
@@ -65,21 +67,21 @@ def _optimizer_and_schedule(model: nn.Module, recipe: Recipe, steps_per_epoch: i
 
 
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, recipe: Recipe,
-                 loop: Loop, epoch: int, steps_per_epoch: int, loss_fn: LossFn | None = None,
+                 loop: Loop, precision: Precision, epoch: int, steps_per_epoch: int, loss_fn: LossFn | None = None,
                  ema: nn.Module | None = None) -> dict[str, float]:
     model.train()
     rank, world = init_distributed()
-    loss_sum, n, start = torch.zeros(()), 0, time.perf_counter()
+    loss_sum, n, start = torch.zeros((), device=loop.device), 0, time.perf_counter()
     data = batches(train, loop.meta, recipe.batch_size, loop.device, shuffle=True, seed=loop.seed, epoch=epoch,
                    rank=rank, world=world, augment_cfg=recipe.augment, channels_last=loop.channels_last)
     for step, (x, y) in enumerate(progress(data, loop.show_progress, total=steps_per_epoch, desc=f"epoch {epoch}")):
-        with autocast(loop.device, loop.amp):
+        with precision.autocast():
             logits = model(x)
             loss = (loss_fn(logits, x, y) if loss_fn is not None
                     else F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        precision.backward(loss)
+        precision.step(opt)
         updates = epoch * steps_per_epoch + step + 1
         sched.step_update(num_updates=updates)
         if ema is not None:
@@ -93,31 +95,32 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Spl
 
 def fit(model: nn.Module, train: Split, val: Split, recipe: Recipe, loop: Loop, ckpt_path: Path,
         on_epoch: Callable[[int, dict], None] | None = None, *, loss_fn: LossFn | None = None,
-        ema: nn.Module | None = None, fingerprint: str = "") -> nn.Module:
+        ema: nn.Module | None = None, identity: Mapping[str, Any] | None = None) -> nn.Module:
     """Train ``recipe.epochs`` epochs, resuming from ``ckpt_path``; returns the best-val-accuracy model.
 
     ``loss_fn`` replaces the label-smoothed cross-entropy; ``ema`` (a timm ``ModelEmaV3`` of ``model``) is updated
     every step and is what gets evaluated and selected; a checkpoint is resumed only under the same recipe and
-    ``fingerprint`` (what else defines the run: architecture, loss, initialisation).
+    ``identity`` (plain containers naming what else defines the run: data, seed, model, initialisation, loss).
     """
+    identity = {"recipe": as_dict(recipe), **(identity or {})}
     _, world = init_distributed()
     steps = -(-len(train.labels) // (recipe.batch_size * world))
     model = maybe_ddp(model, loop.device)
     opt, sched = _optimizer_and_schedule(model, recipe, steps)
+    precision = Precision(loop.device, loop.amp)
     start, best = 0, {"acc": -1.0, "state": None}
     if ckpt_path.is_file():
         state = checkpoint.load(ckpt_path, rebuild=f"rm {ckpt_path} (a fresh run starts over)")
-        if state.get("recipe") == as_dict(recipe) and state.get("fingerprint", "") == fingerprint:
+        if checkpoint.same_identity(state, identity, ckpt_path):
             unwrap(model).load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            precision.load_state_dict(state.get("scaler", {}))
             if ema is not None:
                 ema.module.load_state_dict(state["ema"])
             start, best = state["epoch"] + 1, state["best"]
             log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
-        else:
-            log.info("checkpoint %s was made with another recipe or fingerprint: starting over", ckpt_path)
     for epoch in range(start, recipe.epochs):
-        metrics = _train_epoch(model, opt, sched, train, recipe, loop, epoch, steps, loss_fn, ema)
+        metrics = _train_epoch(model, opt, sched, train, recipe, loop, precision, epoch, steps, loss_fn, ema)
         selected = ema.module if ema is not None else unwrap(model)
         metrics.update({f"val/{k}": v for k, v in evaluate(selected, val, loop, recipe.eval_batch_size).items()})
         if metrics["val/acc"] > best["acc"]:
@@ -126,7 +129,7 @@ def fit(model: nn.Module, train: Split, val: Split, recipe: Recipe, loop: Loop, 
         log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if is_main():
             state = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                     "best": best, "recipe": as_dict(recipe), "fingerprint": fingerprint}
+                     "scaler": precision.state_dict(), "best": best, "identity": identity}
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
             checkpoint.save(ckpt_path, state)

@@ -236,13 +236,15 @@ class Job:
 
 
 def job_fingerprint(job: Job) -> str:
-    """What a unit's result depends on: architecture, seed, recipe, data size, runtime precision."""
+    """What a unit's result depends on: architecture, seed, recipe, the prepared data and how much of it, precision."""
     from pipeline.config import as_dict
+    from pipeline.data import prepared_identity
     from pipeline.retrain import fingerprint
 
     cfg = job.params.validate
     return fingerprint(candidates=job.arch.candidates, seed=job.seed, recipe=as_dict(cfg.train),
-                       train_limit=cfg.train_limit, space=as_dict(job.params.space), amp=job.params.runtime.amp)
+                       train_limit=cfg.train_limit, space=as_dict(job.params.space), amp=job.params.runtime.amp,
+                       data=prepared_identity(job.root / "data/prepared"))
 
 
 def finished(job: Job) -> dict[str, Any] | None:
@@ -287,7 +289,7 @@ def train_unit(job: Job) -> dict[str, Any]:
     loop = Loop(device, meta, job.seed, rt.amp, rt.channels_last, show_progress=False)
     job.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model = fit(model, train, val, cfg.train, loop, job.out_dir / CHECKPOINT, fingerprint=job_fingerprint(job),
+    model = fit(model, train, val, cfg.train, loop, job.out_dir / CHECKPOINT, identity={"unit": job_fingerprint(job)},
                 on_epoch=lambda epoch, m: record_epoch(job.out_dir / EPOCHS, {"epoch": epoch, **m}))
     best = evaluate(model, val, loop, cfg.train.eval_batch_size)
     result = {"name": job.arch.name, "kind": job.arch.kind, "seed": job.seed, "fingerprint": job_fingerprint(job),

@@ -16,7 +16,7 @@ def run(params: Params) -> None:
     root = repo_root()
     with tracking.stage_run("prepare", {"data": as_dict(params.data), "seed": params.seed}, root,
                             params.tracking.experiment):
-        meta = prepare(params.data, params.seed, root / OUT)
+        meta = prepare(params.data, params.seed, root / OUT, workers=params.runtime.workers)
         tracking.log_metrics({f"data/{k}_images": v for k, v in meta["sizes"].items()})
     log.info("prepared %s: %s", params.data.name, meta["sizes"])
 

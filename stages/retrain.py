@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
-from pipeline import cli, retrain, runtime, student, tracking
+from pipeline import checkpoint, cli, retrain, runtime, student, tracking
 from pipeline.config import ConfigError, Params, as_dict, repo_root
-from pipeline.data import load_meta, load_split, normalize
+from pipeline.data import load_meta, load_split, normalize, prepared_identity
 from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
 from pipeline.teacher import load_teacher, weights_hash
 from pipeline.train import Loop, evaluate, fit
@@ -47,8 +47,8 @@ def run(params: Params) -> dict[str, float]:
     splits = {s: load_split(root / PREPARED, s) for s in ("train", "val", "test")}
     runtime.init_distributed()
     device = runtime.select_device(rt)
-    inherited = retrain.inherit(built.model, retrain.supernet_state(spec, built.choice, root / SUPERNET)) \
-        if cfg.init == "supernet" else 0.0
+    init = retrain.supernet_state(spec, built.choice, root / SUPERNET) if cfg.init == "supernet" else {}
+    inherited = retrain.inherit(built.model, init) if init else 0.0
     model = runtime.to_device_model(built.model, device, rt.channels_last)
     loss_fn, teacher_sha = None, ""
     if cfg.kd_weight > 0:
@@ -57,14 +57,15 @@ def run(params: Params) -> dict[str, float]:
         teacher_sha = weights_hash(root / TEACHER)
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None
     loop = Loop(device, meta, params.seed, rt.amp, rt.channels_last, rt.progress)
-    identity = retrain.fingerprint(args=built.args, seed=params.seed, amp=rt.amp, teacher=teacher_sha,
-                                   retrain={k: v for k, v in as_dict(cfg).items() if k not in EXPORT_ONLY},
-                                   data={k: meta.get(k) for k in ("sizes", "mean", "std")})
+    identity = {"architecture": retrain.fingerprint(args=built.args), "seed": params.seed, "amp": rt.amp,
+                "teacher": teacher_sha, "supernet": checkpoint.tensors_digest(init) if init else "",
+                "retrain": {k: v for k, v in as_dict(cfg).items() if k not in EXPORT_ONLY},
+                "data": prepared_identity(root / PREPARED)}
     tracked = {"retrain": as_dict(cfg), "space": as_dict(params.space), "search.metric": params.search.metric,
                "search.budget": params.search.budget, "seed": params.seed, "runtime.amp": rt.amp}
     main = runtime.is_main()
     with tracking.stage_run("retrain", tracked, root, params.tracking.experiment) if main else contextlib.nullcontext():
-        model = fit(model, splits["train"], splits["val"], cfg.train, loop, root / CKPT, fingerprint=identity,
+        model = fit(model, splits["train"], splits["val"], cfg.train, loop, root / CKPT, identity=identity,
                     on_epoch=lambda epoch, m: _on_epoch(root, epoch, m), loss_fn=loss_fn, ema=ema)
         if not main:
             return {}

@@ -7,7 +7,7 @@ import logging
 
 from pipeline import cli, tracking
 from pipeline.config import Params, as_dict, repo_root
-from pipeline.data import load_meta, load_split
+from pipeline.data import load_meta, load_split, prepared_identity
 from pipeline.plots import append_row
 from pipeline.runtime import seed_everything, select_device, to_device_model
 from pipeline.teacher import block_split, create_teacher, load_weights, save_teacher
@@ -34,7 +34,9 @@ def run(params: Params) -> None:
             load_weights(model, root / cfg.checkpoint)
         elif cfg.train.epochs:
             (root / PLOT).unlink(missing_ok=True)
-            model = fit(model, splits["train"], splits["val"], cfg.train, loop, root / CKPT,
+            identity = {"data": prepared_identity(root / PREPARED), "seed": params.seed, "amp": params.runtime.amp,
+                        "model": {k: v for k, v in as_dict(cfg).items() if k != "train"}}  # train: the recipe
+            model = fit(model, splits["train"], splits["val"], cfg.train, loop, root / CKPT, identity=identity,
                         on_epoch=lambda epoch, m: (tracking.log_metrics(m, step=epoch),
                                                    append_row(root / PLOT, {"epoch": epoch, **m})))
         metrics = {f"{s}/acc": evaluate(model, splits[s], loop, cfg.train.eval_batch_size)["acc"]

@@ -49,6 +49,7 @@ def write_prepared(out: Path, seed: int = 0) -> dict:
     meta = {"name": "tiny", "num_classes": 10, "in_chans": 1, "image_size": SIZES[0], "mean": [float(train.mean())],
             "std": [float(train.std())], "classes": [f"c{i}" for i in range(10)], "sizes": SPLIT_SIZES}
     (out / "meta.json").write_text(json.dumps(meta))
+    (out / "splits.json").write_text(json.dumps({"seed": seed}))  # the split record prepare writes
     return meta
 
 

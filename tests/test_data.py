@@ -3,7 +3,18 @@ import pytest
 import torch
 
 from pipeline.config import Augment, Data
-from pipeline.data import DataError, augment, batches, load_meta, load_split, prepare, split_indices
+from pipeline.data import (
+    DataError,
+    augment,
+    batches,
+    load_meta,
+    load_split,
+    prepare,
+    split_indices,
+    stratified_subset,
+)
+
+from .conftest import write_idx
 
 
 def test_prepare_fashion_mnist_idx(idx_dir, tmp_path):
@@ -31,6 +42,37 @@ def test_resize_and_limit(idx_dir, tmp_path):
     meta = prepare(Data(root=str(idx_dir), image_size=16, limit=100, test_limit=10), seed=0, out_dir=tmp_path / "p")
     assert meta["sizes"]["train"] + meta["sizes"]["val"] == 100 and meta["sizes"]["test"] == 10
     assert load_split(tmp_path / "p", "test").images.shape[-2:] == (16, 16)
+
+
+def test_stratified_subset_is_proportional_seeded_and_keeps_every_class():
+    labels = np.repeat(np.arange(5), [500, 250, 150, 90, 10])
+    rows = stratified_subset(labels, 100, seed=0)
+    assert len(rows) == 100 and len(set(rows.tolist())) == 100 and np.all(np.diff(rows) > 0)
+    counts = np.bincount(labels[rows], minlength=5)
+    assert counts.tolist() == [50, 25, 15, 9, 1]
+    assert np.array_equal(rows, stratified_subset(labels, 100, seed=0))
+    assert not np.array_equal(rows, stratified_subset(labels, 100, seed=1))
+    few = np.bincount(labels[stratified_subset(labels, 7, seed=0)], minlength=5)
+    assert few.sum() == 7 and few.min() >= 1, "a limit >= the number of classes keeps every class"
+    assert np.bincount(labels[stratified_subset(labels, 3, seed=0)], minlength=5).sum() == 3
+    assert np.array_equal(stratified_subset(labels, 0, seed=0), np.arange(1000))
+    assert np.array_equal(stratified_subset(labels, 5000, seed=0), np.arange(1000))
+
+
+def test_limit_keeps_every_class_of_a_class_sorted_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "sorted"
+    root.mkdir()
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        labels = np.repeat(np.arange(10), n // 10)  # sorted by class, as an ImageFolder listing is
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    out = tmp_path / "p"
+    meta = prepare(Data(root=str(root), limit=50, test_limit=20), seed=0, out_dir=out)
+    assert meta["sizes"] == {"train": 45, "val": 5, "test": 20}
+    pool = np.concatenate([load_split(out, s).labels for s in ("train", "val")])
+    assert np.bincount(pool, minlength=10).tolist() == [5] * 10
+    assert np.bincount(load_split(out, "test").labels, minlength=10).tolist() == [2] * 10
 
 
 def test_missing_data_says_three_ways(tmp_path):

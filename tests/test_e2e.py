@@ -99,3 +99,45 @@ def test_validation_pipeline_on_the_smoke_run(smoke):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "1 of 12 units to train (11 already done)" in rerun.stderr
     assert (dest / "artifacts/validate/runs/s01/seed0/result.json").is_file()
+
+
+def _outputs_digest(root) -> dict[str, str]:
+    import hashlib
+
+    names = [p for d in ("data", "artifacts", "checkpoints", "metrics", "plots", "reports") for p in (root / d).rglob("*")]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in [*names, root / "dvc.lock"] if p.is_file()}
+
+
+def test_temp_and_queued_experiments_run_in_their_own_copy(smoke):
+    """`dvc exp run --temp` and two queued experiments (`dvc queue start -j 2`): the main workspace's outputs stay
+    byte-identical, all three are in `dvc exp show`, their MLflow runs are in the main store under their names."""
+    import time
+
+    dest, env = smoke
+    git = {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost", "GIT_COMMITTER_NAME": "ci",
+           "GIT_COMMITTER_EMAIL": "ci@localhost"}
+    env = {**env, **git, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
+    for args in (["add", "-A"], ["commit", "-qm", "smoke run"]):  # experiments start from a commit
+        assert subprocess.run(["git", *args], cwd=dest, env=env).returncode == 0
+    before = _outputs_digest(dest)
+    temp = dvc(dest, env, "exp", "run", "--temp", "-n", "exp-temp", "-S", "report.latency_repeats=2")
+    assert temp.returncode == 0, temp.stdout[-3000:] + temp.stderr[-3000:]
+    for name, repeats in (("exp-q1", 4), ("exp-q2", 5)):
+        assert dvc(dest, env, "exp", "run", "--queue", "-n", name, "-S", f"report.latency_repeats={repeats}").returncode == 0
+    assert dvc(dest, env, "queue", "start", "-j", "2").returncode == 0
+    deadline = time.monotonic() + 600
+    while "Queued" in (status := dvc(dest, env, "queue", "status").stdout) or "Running" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    assert _outputs_digest(dest) == before, "an experiment wrote into the main workspace"
+    shown = dvc(dest, env, "exp", "show", "--csv").stdout
+    assert all(name in shown for name in ("exp-temp", "exp-q1", "exp-q2")), shown
+    client = mlflow.MlflowClient(f"sqlite:///{dest / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dna").experiment_id])
+    for name in ("exp-temp", "exp-q1", "exp-q2"):
+        parent = [r for r in runs if r.info.run_name == name and r.data.tags.get("dvc.stage") == "pipeline"]
+        assert len(parent) == 1 and parent[0].info.status == "FINISHED", name
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+        assert [r.info.run_name for r in children] == ["report"], name

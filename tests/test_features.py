@@ -312,7 +312,7 @@ def test_stage_caches_a_real_timm_teacher(tmp_path: Path, monkeypatch: pytest.Mo
     from pipeline.teacher import block_outputs, block_split, create_teacher, save_teacher
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = load_params(["runtime.progress=false", "runtime.device=cpu", "cache.batch_size=16"], root=tmp_path)
     prepared = tmp_path / "data" / "prepared"
@@ -350,7 +350,7 @@ def test_stage_without_teacher_exits_with_one_line(tmp_path: Path, monkeypatch: 
     from pipeline import cli
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     prepared = tmp_path / "data" / "prepared"
     prepared.mkdir(parents=True)
     (prepared / "meta.json").write_text(json.dumps(META))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from pipeline import checkpoint, cli, retrain, space, student
-from pipeline.config import as_dict, load_params
+from pipeline.config import load_params
 from pipeline.supernet import SupernetBlock
 from tests.blockfakes import REPO, one_thread, teacher_split, tiny_params  # noqa: F401
 from tests.studentfakes import make_root, params_at
@@ -136,7 +137,7 @@ def _copy(src: Path, dest: Path) -> Path:
 def _run_retrain(root: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> dict:
     from stages import retrain as stage
 
-    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(root)
     return stage.run(load_params(list(overrides), root=root))
 
 
@@ -202,29 +203,47 @@ def test_killed_retrain_resumes_after_its_last_epoch_and_matches(pristine: Path,
         [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in curves[0]]
 
 
-def test_checkpoint_of_another_architecture_is_not_resumed(pristine: Path, tmp_path: Path, store: str,
-                                                           monkeypatch, caplog) -> None:
-    root = _copy(pristine, tmp_path / "root")
-    architecture = json.loads((root / "artifacts/search/architecture.json").read_text())
+def _save_supernets(root: Path, seed: int) -> None:
+    """Finished supernet checkpoints of the root's space, freshly initialised from ``seed``."""
+    torch.manual_seed(seed)
     spec = space.build_space(params_at(root).space, json.loads((root / "artifacts/teacher/blocks.json").read_text()))
-    other = student.create(student.model_args(spec, {"b0": "k3e3-k3e3", "b1": "d1w16:k3e3", "b2": "k3e3-k3e3"}),
-                           json.loads((root / "data/prepared/meta.json").read_text()))
-    recipe = as_dict(load_params(["retrain.train.epochs=1"], root=root).retrain.train)  # same recipe, other net
-    checkpoint.save(root / "checkpoints/retrain.pt", {"model": other.state_dict(), "epoch": 0, "best": {},
-                                                      "recipe": recipe, "fingerprint": "another"})
+    for block in spec.blocks:
+        checkpoint.save(root / f"artifacts/supernet/{block.name}.pt",
+                        {"model": SupernetBlock(block).state_dict(), "epoch": 1, "epochs": 1})
+
+
+def _other_splits(root: Path) -> None:
+    path = root / "data/prepared/splits.json"
+    path.write_text(path.read_text().replace('"seed": 0', '"seed": 7'))
+
+
+@pytest.mark.parametrize("part, change, override", [
+    ("supernet", lambda root: _save_supernets(root, seed=1), ()),  # the supernet stage reran with other results
+    ("data", _other_splits, ()),
+    ("seed", lambda root: None, ("seed=1",)),
+    ("retrain", lambda root: None, ("retrain.drop_rate=0.1",)),
+])
+def test_retrain_checkpoint_resumes_only_under_the_same_identity(pristine: Path, tmp_path: Path, store: str,
+                                                                 monkeypatch, caplog, part, change, override) -> None:
+    """An unchanged rerun resumes; a change to anything that defines the result starts over and names it."""
+    root = _copy(pristine, tmp_path / "root")
+    _save_supernets(root, seed=0)
+    settings = ("retrain.registry_name=", "retrain.train.epochs=1", "retrain.init=supernet")
+    _run_retrain(root, monkeypatch, *settings)
     caplog.set_level("INFO")
-    _run_retrain(root, monkeypatch, "retrain.registry_name=", "retrain.train.epochs=1")
-    assert "another recipe or fingerprint: starting over" in caplog.text
-    assert architecture["candidates"] != ["k3e3-k3e3", "d1w16:k3e3", "k3e3-k3e3"]
+    _run_retrain(root, monkeypatch, *settings)
+    assert "resuming from" in caplog.text and "starting over" not in caplog.text
+    change(root)
+    caplog.clear()
+    _run_retrain(root, monkeypatch, *settings, *override)
+    changed = re.search(r"was made with another (.*): starting over", caplog.text)
+    assert changed and part in changed[1].split(", ") and "resuming from" not in caplog.text
 
 
 def test_retrain_from_supernet_weights_inherits_the_chosen_paths(pristine: Path, tmp_path: Path, store: str,
                                                                    monkeypatch) -> None:
     root = _copy(pristine, tmp_path / "root")
-    spec = space.build_space(params_at(root).space, json.loads((root / "artifacts/teacher/blocks.json").read_text()))
-    for block in spec.blocks:
-        net = SupernetBlock(block)
-        checkpoint.save(root / f"artifacts/supernet/{block.name}.pt", {"model": net.state_dict(), "epoch": 1, "epochs": 1})
+    _save_supernets(root, seed=0)
     metrics = _run_retrain(root, monkeypatch, "retrain.init=supernet", "retrain.registry_name=", "retrain.train.epochs=1")
     model = student.load(root / "artifacts/student")
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("conv_head", "bn2", "classifier")))
@@ -241,7 +260,7 @@ def test_bad_architecture_fails_in_one_line_and_leaves_outputs_alone(trained, tm
     path.write_text(json.dumps(architecture))
     before = (root / "artifacts/student" / student.WEIGHTS).read_bytes()
     proc = subprocess.run([sys.executable, str(REPO / "stages/retrain.py")], cwd=root, capture_output=True,
-                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "DVC_ROOT": str(root),
+                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin",
                                                        "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -259,7 +278,6 @@ def test_bad_settings_fail_in_one_line_before_training(pristine: Path, tmp_path:
     from stages import retrain as stage
 
     root = _copy(pristine, tmp_path / "root")
-    monkeypatch.setenv("DVC_ROOT", str(root))
     monkeypatch.chdir(root)
     with pytest.raises(SystemExit) as exit_:
         cli.main(stage.run, overrides)
@@ -276,7 +294,7 @@ def test_report_compares_teacher_and_student_and_logs_to_mlflow(trained, store: 
     (root / "plots/supernet").mkdir(parents=True)
     for block in ("b0", "b1", "b2"):
         (root / f"plots/supernet/{block}.csv").write_text("epoch,train_loss,val_loss\n1,0.9,0.8\n2,0.5,0.6\n")
-    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(root)
     summary = stage.run(load_params(root=root))
     saved = json.loads((root / "metrics/summary.json").read_text())
     assert saved == summary
@@ -300,7 +318,7 @@ def test_report_without_a_retrained_student_names_the_stage_to_run(pristine: Pat
     from stages import report as stage
 
     root = _copy(pristine, tmp_path / "root")
-    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(root)
     with pytest.raises(SystemExit):
         cli.main(stage.run, [])
     err = capsys.readouterr().err

@@ -125,7 +125,7 @@ def test_killed_scoring_resumes_without_rerating(tmp_path: Path, caplog: pytest.
 # -------------------------------------------------------------------------------------------- the stage
 def test_score_stage_writes_the_table_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_root(tmp_path / "root", n_train=256, n_val=64)
-    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     params = load_params(["supernet.epochs=1"], root=root)
     with pytest.raises(checkpoint.ArtifactError, match=r"missing: rebuild it with `dvc repro supernet@b1`"):

@@ -144,7 +144,7 @@ def test_cost_model_equals_a_count_of_the_timm_student(overrides: list[str], spl
 
 def test_fixed_cost_reads_the_teacher_split_or_says_how_to_build_it(tmp_path, monkeypatch) -> None:
     params = tiny_params()
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ArtifactError, match="dvc repro teacher"):
         space.fixed_cost(params, "params")
     (tmp_path / "artifacts/teacher").mkdir(parents=True)

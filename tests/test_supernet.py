@@ -228,7 +228,7 @@ def stage_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _env(root: Path, tracking: Path) -> dict[str, str]:
     """Stage subprocesses: one MLflow store for the whole module (a fresh sqlite store costs seconds to migrate)."""
-    return {**os.environ, "DVC_ROOT": str(root), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
             "MLFLOW_TRACKING_URI": f"sqlite:///{tracking / 'mlflow.db'}"}
 
 
@@ -273,7 +273,7 @@ def test_ddp_two_cpu_processes_train_a_block_that_scoring_loads(stage_root: Path
 
 def test_stage_rejects_an_unknown_block_in_one_line(stage_root: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setenv("DVC_ROOT", str(stage_root))
+    monkeypatch.chdir(stage_root)
     for argv, message in ((["block=b7"], "block 'b7' is not in the space: choose one of b0, b1, b2"),
                           ([], "name exactly one block")):
         with pytest.raises(SystemExit) as exit_info:

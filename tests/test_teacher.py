@@ -95,3 +95,15 @@ def test_save_and_load_teacher_round_trip(tmp_path):
     (tmp_path / "t" / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ArtifactError, match="dvc repro teacher"):
         load_teacher(tmp_path / "t")
+
+
+def test_resolution_check_names_the_smallest_image_size():
+    cfg = Teacher(name="convnext_atto", boundaries=[0, 1, 2, 3])  # stride 4 stem, then 3 x stride 2: 32 px minimum
+    model = create_teacher(cfg, in_chans=3, num_classes=10)
+    with pytest.raises(TeacherError) as err:
+        block_split(model, cfg.boundaries, in_chans=3, image_size=28)
+    message = str(err.value)
+    assert "\n" not in message and "data.image_size=28" in message and "data.image_size >= 32" in message
+    blocks = block_split(model, cfg.boundaries, in_chans=3, image_size=64)
+    assert [b["out_size"] for b in blocks] == [[16, 16], [8, 8], [4, 4], [2, 2]]
+    assert model.training, "block_split leaves the model's mode as it found it"

@@ -49,3 +49,28 @@ def test_default_uri_is_absolute_in_root(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_default_store_is_the_main_repository_under_dvc_experiments(tmp_path, monkeypatch):
+    """``dvc exp run --temp`` / queued runs set DVC_ROOT to the main repository; the clone is deleted afterwards."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "main"))
+    assert tracking.tracking_uri(tmp_path / "main/.dvc/tmp/exps/tmpabc") == f"sqlite:///{tmp_path.resolve()}/main/mlflow.db"
+
+
+def test_stages_of_one_dvc_experiment_share_a_parent_named_after_it(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    runs = {}
+    for exp, stage in (("exp-a", "assemble"), ("exp-a", "retrain"), ("exp-b", "assemble")):
+        monkeypatch.setenv("DVC_EXP_NAME", exp)
+        monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+        with tracking.stage_run(stage, {"seed": 0}, tmp_path) as run:
+            runs[exp, stage] = run.info.run_id
+    client = mlflow.MlflowClient(uri)
+    parents = {key: client.get_run(run_id).data.tags["mlflow.parentRunId"] for key, run_id in runs.items()}
+    assert parents["exp-a", "assemble"] == parents["exp-a", "retrain"] != parents["exp-b", "assemble"]
+    parent = client.get_run(parents["exp-a", "retrain"])
+    assert parent.info.run_name == "exp-a" and parent.data.tags["dvc.exp"] == "exp-a"
+    assert parent.info.status == "FINISHED", "a parent must not stay RUNNING after its last stage"
