@@ -5,9 +5,8 @@
 Writes benchmarks/results/assembly.md. Everything runs in this one process on one core (BLAS threads
 pinned to 1), so the ratios compare like with like on a shared machine.
 
-DNA's traversal is re-implemented from ``searching/process_potential.py`` (changlin31/DNA; described in
-/work/shared/notes/dna-method.md, section 7) for any number of blocks: candidates sorted by score, nested
-loops in block order, a candidate skipped when the cost so far exceeds the budget left after the
+DNA's traversal is re-implemented from ``searching/process_potential.py`` (changlin31/DNA) for any number
+of blocks: candidates sorted by score, nested loops in block order, a candidate skipped when the cost so far exceeds the budget left after the
 cheapest candidates of the later blocks; in the innermost block the first feasible candidate is
 recorded and the innermost scan is limited to indices below it for the following prefixes; when that
 limit reaches 0 it is reset and the enclosing block's range is tightened the same way. Two deliberate

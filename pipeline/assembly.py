@@ -2,7 +2,7 @@
 
 DNA (Li et al., CVPR 2020, Sec. 3.4) ranks an architecture by the sum of its blocks' scores and
 searches the combinations with a depth-first traversal whose index-limit pruning is not exact
-(/work/shared/notes/dna-method.md, section 7). Because the objective and the cost are both sums over
+(changlin31/DNA, ``searching/process_potential.py``). Because the objective and the cost are both sums over
 blocks, the problem is a multiple-choice knapsack, solved here exactly and for every budget at once:
 
 * each block is first reduced to its own Pareto set (cost vs score): a candidate that another one of
@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.checkpoint import atomic
 from pipeline.config import Params, Search
 from pipeline.errors import PipelineError
 from pipeline.tracking import log_metrics
@@ -428,7 +428,7 @@ def synthetic_tables(layers: Sequence[int] = (2, 3, 3, 2), widths: Sequence[int]
     MBConv count (expand + depthwise + project, per layer at the block's width and map size); the
     score is a per-block base (0.3-0.8), about 15% lower for the largest candidate than for the
     smallest (log-cost trend), plus noise of 3% of the base, the pattern real block scores show
-    (bigger candidates score better, /work/shared/notes/ranking-lessons.md, lesson 3).
+    (bigger candidates score better, as in the default run's tables).
     """
     rng = np.random.default_rng(seed)
     tables = []
@@ -558,9 +558,8 @@ def write_outputs(out_dir: Path, result: Result, content: Mapping[str, Any]) -> 
     }
     paths = []
     for name, write in writers.items():
-        tmp = out_dir / f".{name}.tmp{Path(name).suffix}"  # matplotlib picks the format from the suffix
-        write(tmp)
-        os.replace(tmp, out_dir / name)
+        with atomic(out_dir / name) as tmp:
+            write(tmp)
         paths.append(out_dir / name)
     return paths
 

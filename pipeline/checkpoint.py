@@ -6,11 +6,12 @@ previous checkpoint intact (timm's CheckpointSaver does the same).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,33 @@ def read_json(path: Path | str, rebuild: str) -> Any:
         raise ArtifactError(f"{path} is unreadable ({type(err).__name__}): rebuild it with `{rebuild}`") from None
 
 
-def save(path: Path | str, state: dict[str, Any]) -> None:
-    """Save plain containers and tensors (no config objects: they break weights-only loading)."""
+@contextlib.contextmanager
+def atomic(path: Path | str) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix: writers that pick a format by it still work), moved onto
+    ``path`` when the block succeeds and removed when it fails: readers see the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path | str, chunk: int = 8 << 20) -> str:
+    """The hex sha256 of a file, read in chunks (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save(path: Path | str, state: dict[str, Any]) -> None:
+    """Save plain containers and tensors (no config objects: they break weights-only loading)."""
+    with atomic(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load(path: Path | str, rebuild: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

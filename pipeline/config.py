@@ -62,14 +62,14 @@ class Recipe:
     epochs: int = 10
     batch_size: int = 128
     opt: str = "adamw"  # any timm optimizer name
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd / rmsprop only
     sched: str = "cosine"  # any timm scheduler name
     warmup_epochs: int = 1
     min_lr: float = 1e-5
     label_smoothing: float = 0.1
-    eval_batch_size: int = 512
+    eval_batch_size: int = 1024
     augment: Augment = field(default_factory=Augment)
 
 
@@ -78,10 +78,10 @@ class Teacher:
     name: str = "resnet18"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     stem_stride: int = 0  # 0 = the model's own; N = set the first conv's stride (small images)
-    stem_pool: bool = True  # False replaces the stem max-pool by identity (small images)
+    stem_pool: bool = False  # False replaces the stem max-pool by identity (small images)
     checkpoint: str = ""  # local safetensors or torch file: load instead of training
     pretrained: bool = False  # timm hub weights, needs internet
-    boundaries: list[int] = field(default_factory=lambda: [1, 2, 3])  # feature_info indices
+    boundaries: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # feature_info indices
     train: Recipe = field(default_factory=Recipe)
 
 
@@ -89,8 +89,8 @@ class Teacher:
 class Cache:
     dtype: str = "float16"  # float16 | float32 storage of inputs and teacher features
     views: int = 1  # augmented views of the train split; 1 = the plain images
-    batch_size: int = 512  # images per teacher forward
-    chunk_size: int = 4096  # samples per fsync: the resume granularity of an interrupted build
+    batch_size: int = 1024  # images per teacher forward
+    chunk_size: int = 8192  # samples per fsync: the resume granularity of an interrupted build
 
 
 @dataclass
@@ -129,7 +129,7 @@ class Supernet:
     lr_decay: float = 0.9  # per epoch, as in DNA
     weight_decay: float = 1e-4
     sampler: str = "uniform"  # uniform | fair
-    target_norm: bool = True  # standardise teacher targets per channel (ranking-lessons #4)
+    target_norm: bool = True  # standardise teacher targets per channel (raw MSE: early blocks learn ~a constant)
     train_samples: int = 12000  # train samples per epoch, drawn afresh each epoch; 0 = the whole split
     val_samples: int = 2048  # val samples for the per-epoch val loss
     val_paths: int = 4  # fixed random paths averaged for the val loss (their spread is logged)
@@ -146,7 +146,7 @@ class Score:
 class Search:
     method: str = "exact"  # exact | optuna
     metric: str = "params"  # params | flops
-    budget: float = 0.0
+    budget: float = 650000
     fixed_cost: float | None = None  # None = computed from the search space
     top_k: int = 1
     scores_dir: str = "artifacts/scores"
@@ -160,10 +160,10 @@ class Search:
 class Retrain:
     """Retraining the searched student (DNA Sec. 4), its export and its registry entry."""
 
-    train: Recipe = field(default_factory=Recipe)
+    train: Recipe = field(default_factory=lambda: Recipe(epochs=12))
     kd_weight: float = 0.0  # loss = (1 - w) * CE + w * T^2 * KL(teacher || student); 0 = no teacher
-    kd_temperature: float = 4.0
-    init: str = "scratch"  # scratch | supernet (the chosen paths' supernet weights where shapes match)
+    kd_temperature: float = 2.0
+    init: str = "supernet"  # scratch | supernet (the chosen paths' supernet weights where shapes match)
     ema: float = 0.0  # decay of a timm ModelEmaV3 of the weights, selected on val; 0 = off
     drop_path: float = 0.0  # stochastic depth over the MBConv blocks
     drop_rate: float = 0.0  # dropout before the classifier

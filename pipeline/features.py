@@ -15,7 +15,6 @@ full check of the default cache takes about a second; crc32 is twice as fast but
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from pipeline.checkpoint import ArtifactError
+from pipeline.checkpoint import ArtifactError, atomic, sha256_file
 from pipeline.config import ConfigError
 from pipeline.data import Split
 from pipeline.runtime import progress as progress_bar
@@ -49,25 +48,16 @@ INPUT = "input"
 LABELS = "labels"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _PROGRESS = "progress.json"
-_READ_CHUNK = 8 << 20
 
 ExtractFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 Item, Loaded = TypeVar("Item"), TypeVar("Loaded")
 
 
-def _sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_READ_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sha256_many(paths: Sequence[Path]) -> list[str]:
     """hashlib releases the GIL on large buffers, so threads hash several files at once."""
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        return list(pool.map(_sha256_file, paths))
+        return list(pool.map(sha256_file, paths))
 
 
 def _fail(path: Path | str, problem: str) -> ArtifactError:
@@ -166,9 +156,8 @@ def _resume_state(work: Path, fingerprint: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _save_progress(work: Path, fingerprint: Mapping[str, Any], done: Mapping[str, int]) -> None:
-    tmp = work / (_PROGRESS + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "done": dict(done)}))
-    os.replace(tmp, work / _PROGRESS)
+    with atomic(work / _PROGRESS) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "done": dict(done)}))
 
 
 def _allocate(paths: Mapping[str, Path], shapes: Mapping[str, tuple[int, ...]], n: int, dtype: str) -> None:

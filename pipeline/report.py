@@ -3,7 +3,8 @@ chosen point, the per-block supernet loss curves and both training curves, as ``
 ``dvc metrics show/diff`` and a Markdown page with PNG figures that reads offline.
 
 Costs of both models come from the search space's one counter (``pipeline.space.module_cost``: parameters and
-multiply-accumulates), the counter the budget was enforced with (dna-method notes, check 10).
+multiply-accumulates), the counter the budget was enforced with, so the report's costs and the search's never
+disagree.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def register(model: nn.Module, example: torch.Tensor, name: str) -> Any:
     """Log the model to the active MLflow run (in MLflow's pt2 format) and register it as ``name``.
 
     MLflow links the run's metrics to the logged model, so the registered version carries them. pt2 freezes the
-    example's batch size when it is 1, so the example needs a batch >= 2 (ecosystem notes, MLflow log_model);
+    example's batch size when it is 1, so the example needs a batch >= 2 (seen with MLflow 3's pt2 flavour);
     explicit requirements skip MLflow's slow inference of them.
     """
     import mlflow

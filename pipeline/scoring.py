@@ -13,13 +13,17 @@ candidate at a time and is the reference both are tested against.
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import itertools
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,3 +224,18 @@ def score_block(net: SupernetBlock, rating: RatingData, partial: Path, key: str)
     start = time.perf_counter()
     errors = score_prefix(net, rating, done=done, on_group=save)
     return errors, len(errors) - len(done), time.perf_counter() - start
+
+
+def partial_key(weights: Path, score: Mapping[str, Any], seed: int) -> str:
+    """Partial results are valid only for the same supernet weights and rating settings."""
+    digest = hashlib.sha256(weights.read_bytes())
+    digest.update(json.dumps({"score": dict(score), "seed": seed}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The score table the assembly reads, written whole or not at all."""
+    with checkpoint.atomic(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -8,7 +8,6 @@ spatial sizes are measured by a forward pass at the configured image size rather
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pipeline.checkpoint import ArtifactError
+from pipeline.checkpoint import ArtifactError, atomic, sha256_file
 from pipeline.config import Teacher
 from pipeline.errors import PipelineError
 
@@ -235,17 +234,13 @@ def save_teacher(model: nn.Module, blocks_json: dict, out_dir: Path) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / (WEIGHTS + ".tmp")))
-    (out_dir / (WEIGHTS + ".tmp")).replace(out_dir / WEIGHTS)
+    with atomic(out_dir / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
     (out_dir / BLOCKS).write_text(json.dumps(blocks_json, indent=2))
 
 
 def weights_hash(teacher_dir: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(Path(teacher_dir) / WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(Path(teacher_dir) / WEIGHTS)
 
 
 def load_teacher(teacher_dir: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:

@@ -3,7 +3,7 @@
 The store defaults to ``sqlite:///<repo>/mlflow.db`` (absolute, so DVC queue clones and stages
 started from elsewhere log to the same place) and ``MLFLOW_TRACKING_URI`` overrides it. A fresh
 sqlite store is initialised once under a file lock: several processes migrating the same new
-file at once corrupt it for good (ecosystem notes, MLflow concurrency).
+file at once corrupt it for good (seen with MLflow 3's SQLAlchemy migrations).
 """
 
 from __future__ import annotations

@@ -6,13 +6,15 @@ space's cost range plus R random ones at the search budget (so size cannot expla
 searched network); ``train_unit`` trains one of them (one seed) with a short fixed recipe, resumable per
 epoch; ``rank_quality`` and ``at_budget`` turn the accuracies into Kendall tau / Spearman rho for the DNA score
 and for the "bigger is better" proxies, with bootstrap intervals and the seed-to-seed noise ceiling
-(ranking-lessons notes #1-#3).
+(a predictor cannot agree with its ground truth better than the ground truth agrees with
+itself, and with ~10 networks tau's standard error is ~0.25).
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import os
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 from scipy import stats
 
 from pipeline.assembly import BlockTable, evaluate
+from pipeline.checkpoint import ArtifactError, atomic, read_json
 from pipeline.errors import PipelineError
 
 KINDS = ("stratified", "random", "searched")
@@ -127,8 +130,6 @@ def draw(tables: Sequence[BlockTable], fixed: Mapping[str, float], metric: str, 
 
 def read_sampled(path: Path | str) -> list[Sampled]:
     """``archs.json`` written by the sample stage."""
-    from pipeline.checkpoint import ArtifactError, read_json
-
     rebuild = "dvc repro validate/dvc.yaml:validate_sample"
     content = read_json(path, rebuild)
     try:
@@ -183,13 +184,96 @@ def at_budget(accuracy: Mapping[str, float], kinds: Mapping[str, str]) -> dict[s
             "searched/minus_random_mean": searched - float(randoms.mean()), "random/n": float(len(randoms))}
 
 
+def report_metrics(archs: Sequence[Sampled], by_seed: Mapping[str, Mapping[str, list[float]]], seeds: int,
+                   resamples: int, seed: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Every figure of the ranking check (flat ``metrics/validate.json`` keys) and one row per architecture."""
+    rows = [{**a.as_json(), "val_acc": float(np.mean(by_seed[a.name]["val_acc"])),
+             "val_loss": float(np.mean(by_seed[a.name]["val_loss"]))} for a in archs]
+    truth = np.array([r["val_acc"] for r in rows])
+    predictors = {"dna_score": -np.array([a.score for a in archs]),  # lower error = better
+                  "params": np.array([a.params for a in archs]), "flops": np.array([a.flops for a in archs])}
+    metrics = {f"all/{k}": x for k, x in rank_quality(truth, predictors, resamples, seed).items()}
+    loss_truth = -np.array([r["val_loss"] for r in rows])  # a smoother ground truth than accuracy (lower = better)
+    metrics.update({f"loss/{name}/tau": float(stats.kendalltau(p, loss_truth).statistic)
+                    for name, p in predictors.items()})
+    block_scores = -np.array([a.block_scores for a in archs])  # which block's score carries the ranking
+    metrics.update({f"block/{i}/dna_score/tau": float(stats.kendalltau(column, truth).statistic)
+                    for i, column in enumerate(block_scores.T)})
+    subsets = {"stratified": ("stratified",), "at_budget": ("random", "searched")}
+    for subset, kinds in subsets.items():
+        keep = np.array([a.kind in kinds for a in archs])
+        for name, p in predictors.items():
+            metrics[f"{subset}/{name}/tau"] = float(stats.kendalltau(p[keep], truth[keep]).statistic)
+    if seeds >= 2:  # the noise ceiling: a ranking cannot agree with the ground truth better than it agrees with itself
+        first, second = (np.array([by_seed[a.name]["val_acc"][k] for a in archs]) for k in (0, 1))
+        metrics["noise/seed_tau"] = float(stats.kendalltau(first, second).statistic)
+        metrics["noise/mean_abs_diff"] = float(np.abs(first - second).mean())
+    metrics.update({f"budget/{k}": x for k, x in at_budget(
+        {r["name"]: r["val_acc"] for r in rows}, {a.name: a.kind for a in archs}).items()})
+    return {k: float(np.nan_to_num(x)) for k, x in metrics.items()}, rows
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
+def read_results(path: Path, archs: Sequence[Sampled], seeds: int, rebuild: str) -> dict[str, dict[str, list[float]]]:
+    """{name: {"val_acc": [per seed], "val_loss": [per seed]}}; every drawn architecture needs ``seeds`` results."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        by_seed: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"val_acc": [], "val_loss": []})
+        for row in sorted(rows, key=lambda r: int(r["seed"])):
+            for key in ("val_acc", "val_loss"):
+                by_seed[row["name"]][key].append(float(row[key]))
+    except (OSError, KeyError, ValueError) as err:
+        raise ArtifactError(f"{path} is missing or unreadable ({err}): rebuild it with `{rebuild}`") from None
+    short = [a.name for a in archs if len(by_seed[a.name]["val_acc"]) < seeds]
+    if short:
+        raise ArtifactError(f"{path} lacks results for {', '.join(short)} ({seeds} seed(s) each): run `{rebuild}`")
+    return {a.name: {k: x[:seeds] for k, x in by_seed[a.name].items()} for a in archs}
+
+
+def report_markdown(m: Mapping[str, float], rows: Sequence[Mapping[str, Any]], v: Any, metric: str) -> str:
+    """The ranking check's page: ``v`` is the ``validate`` params group, ``metric`` the search's cost metric."""
+    r = v.train
+    lines = [
+        "# Does the search work? Block scores vs stand-alone accuracy", "",
+        f"{len(rows)} architectures from the searched space ({v.stratified} spread over the {metric} range, "
+        f"{v.random} random within {v.window:.0%} below the budget, the searched one), each trained stand-alone "
+        f"{v.seeds} time(s) for {r.epochs} epoch(s) ({r.opt}, lr {r.lr}, {v.train_limit or 'all'} train images); "
+        "ground truth = best-epoch val accuracy (mean over seeds).", "",
+        "## Ranking quality (all architectures)", "",
+        "| predictor | Kendall tau | 95% bootstrap | p | Spearman rho |", "|---|---:|---:|---:|---:|"]
+    for name in ("dna_score", "params", "flops"):
+        lines.append(f"| {name} | {m[f'all/{name}/tau']:.3f} | [{m[f'all/{name}/tau_lo']:.2f}, "
+                     f"{m[f'all/{name}/tau_hi']:.2f}] | {m[f'all/{name}/tau_p']:.3g} | {m[f'all/{name}/rho']:.3f} |")
+    lines += ["", f"Against val loss instead of accuracy (smoother): tau {m['loss/dna_score/tau']:.3f} (params "
+              f"{m['loss/params/tau']:.3f}, FLOPs {m['loss/flops/tau']:.3f})."]
+    blocks = sorted(int(k.split("/")[1]) for k in m if k.startswith("block/"))
+    lines += ["", "Each block's score alone against accuracy (block index: tau): "
+              + ", ".join(f"{i}: {m[f'block/{i}/dna_score/tau']:.2f}" for i in blocks) + "."]
+    lines += ["", f"DNA score minus params tau, 95% paired bootstrap: [{m['all/dna_score/minus_params_lo']:.2f}, "
+              f"{m['all/dna_score/minus_params_hi']:.2f}] (an interval above 0 = the score ranks better than size).",
+              "", f"Within the stratified set: tau {m['stratified/dna_score/tau']:.3f} (params "
+              f"{m['stratified/params/tau']:.3f}); at the budget (random + searched, size held ~fixed): tau "
+              f"{m['at_budget/dna_score/tau']:.3f} (params {m['at_budget/params/tau']:.3f})."]
+    if "noise/seed_tau" in m:
+        lines += ["", f"Noise ceiling: two training seeds agree at tau {m['noise/seed_tau']:.3f} (mean |difference| "
+                  f"{100 * m['noise/mean_abs_diff']:.2f} points)."]
+    lines += ["", "## Searched network vs random ones at the same budget", "",
+              f"searched {100 * m['budget/searched/acc']:.2f}% vs random {100 * m['budget/random/mean']:.2f} "
+              f"+- {100 * m['budget/random/std']:.2f}% (best {100 * m['budget/random/max']:.2f}%); the searched "
+              f"network ranks {m['budget/searched/rank']:.0f} of {m['budget/random/n'] + 1:.0f}.", "",
+              "![score and size vs accuracy](scatter.png)", "", "## Architectures", "",
+              "| name | kind | params | FLOPs | score | val acc | candidates |", "|---|---|---:|---:|---:|---:|---|"]
+    for row in sorted(rows, key=lambda x: x["score"]):
+        lines.append(f"| {row['name']} | {row['kind']} | {row['params']:,.0f} | {row['flops']:,.0f} | "
+                     f"{row['score']:.4f} | {100 * row['val_acc']:.2f} | {' '.join(row['candidates'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_json(path: Path, content: Any) -> None:
     """Whole or not at all: a killed writer never leaves half a file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def plot(path: Path, rows: Sequence[Mapping[str, Any]], metric: str) -> None:
@@ -213,10 +297,9 @@ def plot(path: Path, rows: Sequence[Mapping[str, Any]], metric: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -2,7 +2,7 @@
 
     python stages/report.py [report.latency_repeats=50 ...]
 
-Reads the teacher and student artifacts and metrics, artifacts/search (architecture.json, pareto.csv) and the
+Reads the teacher and student artifacts and metrics, ``search.out_dir`` (architecture.json, pareto.csv) and the
 per-epoch CSVs under plots/. Writes metrics/summary.json (for `dvc metrics show/diff`) and reports/ (report.md with
 PNG figures beside it, readable offline); both are logged to MLflow.
 """
@@ -23,7 +23,7 @@ from pipeline.config import Params, as_dict, repo_root
 from pipeline.space import module_cost
 from pipeline.teacher import load_teacher
 
-TEACHER, STUDENT, SEARCH = Path("artifacts/teacher"), Path("artifacts/student"), Path("artifacts/search")
+TEACHER, STUDENT = Path("artifacts/teacher"), Path("artifacts/student")
 METRICS, PLOTS = Path("metrics"), Path("plots")
 SUMMARY, OUT = Path("metrics/summary.json"), Path("reports")
 log = logging.getLogger("stages.report")
@@ -43,7 +43,7 @@ def run(params: Params) -> dict:
         cost = module_cost(model, shape)
         rows[name] = {"test_acc": scores[name]["test/acc"], "val_acc": scores[name]["val/acc"], "params": cost.params,
                       "flops": cost.flops, **{f"latency_ms_b{b}": ms for b, ms in latency[name].items()}}
-    front = report.read_front(root / SEARCH / "pareto.csv")
+    front = report.read_front(root / params.search.out_dir / "pareto.csv")
     summary = report.summarize(rows["teacher"], rows["student"], architecture, len(front.cost))
     supernet = {p.stem: report.read_rows(p) for p in sorted((root / PLOTS / "supernet").glob("*.csv"))}
     training = {n: report.read_rows(root / PLOTS / f"{n}.csv") for n in ("teacher", "student")}

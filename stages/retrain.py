@@ -2,7 +2,7 @@
 
     python stages/retrain.py [retrain.kd_weight=0 retrain.init=supernet ...]
 
-Reads artifacts/search/architecture.json, the prepared data and the teacher (its blocks.json fixes the student's
+Reads ``search.out_dir``/architecture.json, the prepared data and the teacher (its blocks.json fixes the student's
 geometry; its weights are the distillation target when retrain.kd_weight > 0). Writes artifacts/student (timm
 config.json + model.safetensors + architecture.json, model.onnx with retrain.onnx=true), the per-epoch resume
 checkpoint checkpoints/retrain.pt (kept by DVC between runs), metrics/student.json and plots/student.csv. The
@@ -29,7 +29,7 @@ from pipeline.teacher import load_teacher, weights_hash
 from pipeline.train import Loop, evaluate, fit
 
 PREPARED, TEACHER, SUPERNET = Path("data/prepared"), Path("artifacts/teacher"), Path("artifacts/supernet")
-ARCHITECTURE, OUT, CKPT = Path("artifacts/search/architecture.json"), Path("artifacts/student"), Path("checkpoints/retrain.pt")
+OUT, CKPT = Path("artifacts/student"), Path("checkpoints/retrain.pt")
 METRICS, PLOT = Path("metrics/student.json"), Path("plots/student.csv")
 EXPORT_ONLY = ("train", "onnx", "registry_name")  # retrain keys that do not change the training (train: the recipe)
 log = logging.getLogger("stages.retrain")
@@ -42,7 +42,7 @@ def run(params: Params) -> dict[str, float]:
     meta = load_meta(root / PREPARED)
     spec = build_space(params.space, load_teacher_split(root / TEACHER_SPLIT))
     runtime.seed_everything(params.seed)
-    built = student.from_architecture(root / ARCHITECTURE, spec, meta, params.search.metric, params.search.budget,
+    built = student.from_architecture(root / params.search.out_dir / student.ARCHITECTURE, spec, meta, params.search.metric, params.search.budget,
                                       cfg.drop_rate, cfg.drop_path)  # every check runs before any training
     splits = {s: load_split(root / PREPARED, s) for s in ("train", "val", "test")}
     runtime.init_distributed()

@@ -2,18 +2,15 @@
 
     python stages/score.py block=b1 [key=value ...]
 
-Writes artifacts/scores/block_<index>.csv (candidate, score, mse, params, flops: the table the assembly reads)
-and metrics/score/<block>.json. Finished groups of candidates are kept in artifacts/scores/block_<index>.resume.pt
+Writes ``search.scores_dir``/block_<index>.csv (candidate, score, mse, params, flops: the table the assembly reads)
+and metrics/score/<block>.json. Finished groups of candidates are kept in block_<index>.resume.pt beside it
 while the stage runs, so a killed run does not rate them again.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from pipeline import cli, runtime, tracking
@@ -22,11 +19,13 @@ from pipeline.features import FeatureCache
 from pipeline.scoring import (
     constant_errors,
     load_rating_data,
+    partial_key,
     plot_scores,
     score_block,
     score_rows,
     split_half_tau,
     summary,
+    write_table,
 )
 from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
 from pipeline.supernet import (
@@ -39,12 +38,8 @@ from pipeline.supernet import (
     load_trained,
 )
 
-FEATURES, SCORES_DIR, METRICS_DIR = Path("artifacts/features"), Path("artifacts/scores"), Path("metrics/score")
+FEATURES, METRICS_DIR = Path("artifacts/features"), Path("metrics/score")
 log = logging.getLogger("stages.score")
-
-
-def table_path(root: Path, index: int) -> Path:
-    return root / SCORES_DIR / f"block_{index}.csv"
 
 
 def run(params: Params, block: str) -> dict[str, float]:
@@ -61,15 +56,15 @@ def run(params: Params, block: str) -> dict[str, float]:
                               params.runtime.channels_last)
     # DNA ranking lesson: a block must beat a predictor that ignores its input (the per-element train mean)
     trivial = constant_errors(feature_moments(cache, "train", target_key)["element_mean"].to(device), rating)
-    table = table_path(root, spec.index)
+    table = root / params.search.scores_dir / f"block_{spec.index}.csv"
     partial = table.with_name(f"{table.stem}.resume.pt")
-    key = _partial_key(weights, params)
+    key = partial_key(weights, as_dict(params.score), params.seed)
     tracked = {"space": as_dict(params.space), "score": as_dict(params.score), "seed": params.seed}
     with tracking.stage_run("score", tracked, root, params.tracking.experiment, block=block):
         errors, rated, seconds = score_block(net, rating, partial, key)
         rows = score_rows(spec, errors)
         stats = summary(rows, trivial, split_half_tau(errors), rated, seconds)
-        _write_table(table, rows)
+        write_table(table, rows)
         tracking.log_metrics({f"score/{k}": v for k, v in stats.items()})
         _log_figure(plot_scores(block, rows, stats["score_trivial"]), f"scores_{block}.png")
     metrics = root / METRICS_DIR / f"{block}.json"
@@ -80,23 +75,6 @@ def run(params: Params, block: str) -> dict[str, float]:
              "split-half tau %.3f, %.1f candidates/s", block, len(rows), stats["score_best"], stats["score_median"],
              stats["score_worst"], stats["score_trivial"], stats["tau_halves"], stats["candidates_per_s"])
     return stats
-
-
-def _partial_key(weights: Path, params: Params) -> str:
-    """Partial results are valid only for the same supernet weights and rating settings."""
-    digest = hashlib.sha256(weights.read_bytes())
-    digest.update(json.dumps({"score": as_dict(params.score), "seed": params.seed}, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
-def _write_table(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _log_figure(fig, name: str) -> None:

@@ -22,7 +22,7 @@ log = logging.getLogger("stages.validate_sample")
 def run(params: Params) -> list[validation.Sampled]:
     root, s, v = repo_root(), params.search, params.validate
     tables, fixed, _ = assembly.link_space(params, assembly.read_tables(root / s.scores_dir), root)
-    searched = student.read_architecture(root / s.out_dir / "architecture.json")
+    searched = student.read_architecture(root / s.out_dir / student.ARCHITECTURE)
     sampled = validation.draw(tables, fixed, s.metric, s.budget or None, searched["candidates"], v.stratified,
                               v.random, v.window, params.seed)
     validation.write_json(root / OUT / "archs.json", {"metric": s.metric, "budget": s.budget,

@@ -23,6 +23,7 @@ from typing import Any
 import mlflow
 
 from pipeline import cli, student, tracking, validation
+from pipeline.checkpoint import atomic
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.data import load_meta
 from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
@@ -91,12 +92,10 @@ def _log_unit(job: validation.Job, result: dict[str, Any]) -> None:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

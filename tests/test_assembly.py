@@ -254,6 +254,7 @@ def test_journal_storage_resumes_and_sqlite_works(default_shaped, tmp_path):
 def test_trials_are_logged_as_steps_of_the_active_run(default_shaped, mlflow_uri):
     uri = mlflow_uri
     logger = assembly.MlflowTrialLogger([t.name for t in default_shaped], [t.candidates for t in default_shaped])
+    mlflow.set_experiment("trials")  # not an experiment id left active by an earlier test's store
     with mlflow.start_run() as run:
         found = optuna_search(default_shaped, "params", midway_budget(default_shaped), 0.0, 12, "tpe", seed=0,
                               callbacks=[logger])

@@ -43,3 +43,29 @@ def test_missing_params_file(tmp_path):
 def test_as_dict_round_trips_through_validate():
     p = load_params(root=REPO)
     assert validate(as_dict(p)) == p
+
+
+OPEN_MAPPINGS = ("teacher.kwargs", "space.blocks")  # free-form: params.yaml is their only source
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in OPEN_MAPPINGS:
+            out.update(_leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def test_schema_defaults_are_params_yaml():
+    """params.yaml is the one source of defaults: a schema default that differs from it, or a key it lacks, fails."""
+    from omegaconf import OmegaConf
+
+    schema = _leaves(OmegaConf.to_container(OmegaConf.structured(Params)))
+    params = _leaves(OmegaConf.to_container(OmegaConf.load(REPO / "params.yaml")))
+    assert sorted(set(schema) ^ set(params)) == [], "keys in one but not the other"
+    differ = {k: (schema[k], params[k]) for k in schema if k not in OPEN_MAPPINGS and schema[k] != params[k]}
+    assert differ == {}, f"schema default vs params.yaml: {differ}"
+    assert all(schema[k] == {} for k in OPEN_MAPPINGS), "open mappings have no schema default"

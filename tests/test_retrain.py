@@ -251,6 +251,16 @@ def test_retrain_from_supernet_weights_inherits_the_chosen_paths(pristine: Path,
     assert metrics["init/inherited_fraction"] == pytest.approx(1 - head / metrics["params"])
 
 
+def test_retrain_reads_the_search_output_from_its_param(pristine: Path, tmp_path: Path, store: str,
+                                                        monkeypatch) -> None:
+    """``search.out_dir`` is where assemble writes the architecture, so it is where retrain reads it."""
+    root = _copy(pristine, tmp_path / "root")
+    (root / "artifacts/search").rename(root / "artifacts/search_b300k")
+    metrics = _run_retrain(root, monkeypatch, "retrain.registry_name=", "retrain.train.epochs=1",
+                           "search.out_dir=artifacts/search_b300k")
+    assert metrics["params"] > 0 and (root / "artifacts/student" / student.WEIGHTS).is_file()
+
+
 def test_bad_architecture_fails_in_one_line_and_leaves_outputs_alone(trained, tmp_path: Path) -> None:
     reference, _ = trained
     root = _copy(reference, tmp_path / "root")

@@ -8,6 +8,7 @@ import pytest
 from pipeline import validation
 from pipeline.assembly import synthetic_tables
 from pipeline.config import ConfigError
+from stages.validate_report import TRAIN
 from tests.blockfakes import tiny_params
 
 FIXED = {"params": 50_000.0, "flops": 1_000_000.0}
@@ -105,20 +106,19 @@ def _sampled(names):
 
 def test_missing_or_short_results_name_the_stage_to_run(tmp_path):
     from pipeline.checkpoint import ArtifactError
-    from stages.validate_report import _read_results
 
     with pytest.raises(ArtifactError, match="validate/dvc.yaml:validate_train"):
-        _read_results(tmp_path / "results.csv", _sampled(["s00"]), 1)
+        validation.read_results(tmp_path / "results.csv", _sampled(["s00"]), 1, TRAIN)
     (tmp_path / "results.csv").write_text("name,kind,seed,val_acc,val_loss,seconds\n"
                                           "s00,stratified,1,0.9,0.4,1\ns00,stratified,0,0.8,0.5,1\n"
                                           "r00,random,0,0.7,0.6,1\n")
-    assert _read_results(tmp_path / "results.csv", _sampled(["s00", "r00"]), 1) == {
+    assert validation.read_results(tmp_path / "results.csv", _sampled(["s00", "r00"]), 1, TRAIN) == {
         "s00": {"val_acc": [0.8], "val_loss": [0.5]}, "r00": {"val_acc": [0.7], "val_loss": [0.6]}}
     with pytest.raises(ArtifactError, match=r"lacks results for r00 \(2 seed"):
-        _read_results(tmp_path / "results.csv", _sampled(["s00", "r00"]), 2)
+        validation.read_results(tmp_path / "results.csv", _sampled(["s00", "r00"]), 2, TRAIN)
     (tmp_path / "results.csv").write_text("name,kind,seed,val_acc\ns00,stratified,zero,0.8\n")
     with pytest.raises(ArtifactError, match="unreadable"):
-        _read_results(tmp_path / "results.csv", _sampled(["s00"]), 1)
+        validation.read_results(tmp_path / "results.csv", _sampled(["s00"]), 1, TRAIN)
 
 
 def test_a_corrupt_architecture_list_names_the_stage_to_rerun(tmp_path):
