@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.config import load_params
+from pipeline.data import prepare
 from tests.conftest import REPO
 
 TINY_TEACHER = ("teacher.kwargs.channels=[8,16,16,32]", "teacher.kwargs.stem_width=8", "teacher.train.epochs=1",
@@ -31,7 +33,8 @@ def _changed(log: str) -> set[str]:
 
 def test_teacher_resumes_unchanged_and_starts_over_when_data_or_seed_change(repo_copy: Path, idx_dir: Path) -> None:
     def run(*change: str) -> str:
-        _stage(repo_copy, "prepare", f"data.root={idx_dir}", *change)
+        params = load_params([f"data.root={idx_dir}", *change], root=repo_copy)
+        prepare(params.data, params.seed, repo_copy / "data/prepared")  # in process: no training, no MLflow
         return _stage(repo_copy, "teacher", *TINY_TEACHER, *change)
 
     run()
