@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.assembly import Architecture, Front, plot_front
+from pipeline.checkpoint import ArtifactError
 
 FIGURES = {"pareto": "pareto.png", "supernet": "supernet_loss.png", "training": "training.png"}
 
@@ -98,11 +99,11 @@ def _pyplot():
 
 
 def read_front(path: Path) -> Front:
-    """``artifacts/search/pareto.csv`` (cost, score, one candidate column per block) as a front to plot."""
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [(float(r["cost"]), float(r["score"])) for r in csv.DictReader(f)]
+    """The assemble stage's ``pareto.csv`` (cost, score, one candidate column per block) as a front to plot."""
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: build it with `dvc repro assemble` (or point search.out_dir at it)")
+    with open(path, newline="") as f:
+        rows = [(float(r["cost"]), float(r["score"])) for r in csv.DictReader(f)]
     cost, score = (np.array(c, dtype=np.float64) for c in zip(*rows, strict=True)) if rows else (np.zeros(0),) * 2
     return Front(cost, score, np.zeros((len(rows), 0), dtype=np.int64))
 

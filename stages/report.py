@@ -34,6 +34,7 @@ def run(params: Params) -> dict:
     scores = {name: _read_json(root / METRICS / f"{name}.json", f"dvc repro {stage}")
               for name, stage in (("teacher", "teacher"), ("student", "retrain"))}
     architecture = student.read_architecture(root / STUDENT / student.ARCHITECTURE)
+    front = report.read_front(root / params.search.out_dir / "pareto.csv")
     models = {"teacher": load_teacher(root / TEACHER)[0], "student": student.load(root / STUDENT)}
     shape = tuple(models["student"].pretrained_cfg["input_size"])
     latency = report.latency_ms(models, shape, cfg.latency_batches, cfg.latency_repeats, cfg.latency_threads,
@@ -43,7 +44,6 @@ def run(params: Params) -> dict:
         cost = module_cost(model, shape)
         rows[name] = {"test_acc": scores[name]["test/acc"], "val_acc": scores[name]["val/acc"], "params": cost.params,
                       "flops": cost.flops, **{f"latency_ms_b{b}": ms for b, ms in latency[name].items()}}
-    front = report.read_front(root / params.search.out_dir / "pareto.csv")
     summary = report.summarize(rows["teacher"], rows["student"], architecture, len(front.cost))
     supernet = {p.stem: report.read_rows(p) for p in sorted((root / PLOTS / "supernet").glob("*.csv"))}
     training = {n: report.read_rows(root / PLOTS / f"{n}.csv") for n in ("teacher", "student")}

@@ -334,3 +334,16 @@ def test_report_without_a_retrained_student_names_the_stage_to_run(pristine: Pat
     err = capsys.readouterr().err
     assert "metrics/student.json is missing" in err and "`dvc repro retrain`" in err and err.count("\n") == 1
     assert not (root / "reports").exists() and not (root / "metrics/summary.json").exists()
+
+
+def test_report_with_a_wrong_search_out_dir_names_the_stage_to_run(trained, store: str, tmp_path: Path, monkeypatch,
+                                                                   capsys) -> None:
+    from stages import report as stage
+
+    root = _copy(trained[0], tmp_path / "root")
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit):
+        cli.main(stage.run, ["search.out_dir=artifacts/nosuch"])
+    err = capsys.readouterr().err
+    assert "nosuch/pareto.csv is missing" in err and "`dvc repro assemble`" in err and err.count("\n") == 1
+    assert not (root / "reports").exists()
