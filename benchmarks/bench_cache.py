@@ -44,10 +44,10 @@ from torch import nn
 from pipeline.config import Params, load_params, repo_root
 from pipeline.data import Split, load_meta, load_split, normalize
 from pipeline.features import SPLITS, FeatureCache, write_features
-from pipeline.runtime import select_device, setup_logging, to_device_model
+from pipeline.runtime import Loop, select_device, setup_logging, to_device_model
 from pipeline.scoring import load_rating_data, score_prefix
 from pipeline.space import build_space
-from pipeline.supernet import BlockData, Run, SupernetBlock, feature_keys, feature_moments, train_block
+from pipeline.supernet import BlockCheckpoint, BlockData, SupernetBlock, feature_keys, feature_moments, train_block
 from pipeline.teacher import block_outputs, load_teacher, weights_hash
 
 log = logging.getLogger("bench_cache")
@@ -215,9 +215,9 @@ def ranking_agreement(caches: dict[str, FeatureCache], teacher_split: dict, para
         if cfg.target_norm:
             stats = feature_moments(cache, "train", target_key)
             net.set_target_stats(stats["channel_mean"], stats["channel_std"])
-        run = Run(checkpoint=scratch / f"supernet_{dtype}.pt", fingerprint=dtype, device=device, seed=params.seed,
-                  channels_last=params.runtime.channels_last)
-        train_block(net, BlockData(cache, in_key, target_key), cfg, run)
+        loop = Loop(device, params.seed, channels_last=params.runtime.channels_last, progress=False)
+        train_block(net, BlockData(cache, in_key, target_key), cfg, loop,
+                    BlockCheckpoint(scratch / f"supernet_{dtype}.pt", fingerprint=dtype))
         nets[dtype] = net
 
     def scores(net: SupernetBlock, cache: FeatureCache) -> dict[str, float]:

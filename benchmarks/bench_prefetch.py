@@ -29,7 +29,7 @@ from pipeline.config import Params, Supernet, load_params, repo_root
 from pipeline.data import Split
 from pipeline.features import FeatureCache, write_features
 from pipeline.space import build_space
-from pipeline.supernet import BlockData, Run, SupernetBlock, feature_keys
+from pipeline.supernet import BlockData, SupernetBlock, feature_keys
 from pipeline.teacher import block_outputs, block_split, create_teacher
 
 MODES = ("prefetch", "inline")
@@ -54,13 +54,13 @@ def build_cache(out: Path, params: Params, n_train: int, n_val: int) -> tuple[di
 def epoch_seconds(net: SupernetBlock, data: BlockData, cfg: Supernet, mode: str) -> float:
     """Wall seconds of one supernet epoch (same seed: same batches and paths in both modes)."""
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    run = Run(checkpoint=Path("unused"), fingerprint="", device=torch.device("cpu"), channels_last=True)
+    loop = runtime.Loop(torch.device("cpu"), channels_last=True, progress=False)
     reader = supernet.prefetch
     if mode == "inline":
         supernet.prefetch = lambda load, items, depth=1: map(load, items)
     try:
         start = time.perf_counter()
-        supernet._train_epoch(net, optimizer, runtime.Precision(run.device, False), data, cfg, run, epoch=0)
+        supernet._train_epoch(net, optimizer, runtime.Precision(loop.device, False), data, cfg, loop, epoch=0)
         return time.perf_counter() - start
     finally:
         supernet.prefetch = reader

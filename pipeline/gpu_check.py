@@ -16,7 +16,6 @@ validates the params with the CUDA overrides), their params load as the stages l
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import shutil
@@ -103,17 +102,22 @@ def _scores(path: Path) -> dict[str, float]:
         return {row["candidate"]: float(row["score"]) for row in csv.DictReader(f)}
 
 
+RATES = {"run/train_images_per_s": "images/s", "run/images_per_s": "images/s", "run/candidates_per_s": "candidates/s"}
+
+
 def throughput(root: Path) -> dict[str, float]:
-    """Last-epoch images/s of the training stages and candidates/s of scoring, from the files the stages write."""
+    """Last-epoch images/s of the training stages and candidates/s of scoring, from the workspace's MLflow store
+    (``run/`` metrics stay out of the DVC-tracked files: they differ from run to run)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
     out = {}
-    for stage, plot in (("teacher", "teacher"), ("retrain", "student")):
-        rows = read_rows(root / "plots" / f"{plot}.csv")
-        if rows:
-            out[f"{stage} images/s"] = rows[-1]["train/images_per_s"]
-    for path in sorted((root / "plots/supernet").glob("*.csv")):
-        out[f"supernet@{path.stem} images/s"] = read_rows(path)[-1]["images_per_s"]
-    for path in sorted((root / "metrics/score").glob("*.json")):
-        out[f"score@{path.stem} candidates/s"] = json.loads(path.read_text())["candidates_per_s"]
+    for run in client.search_runs(experiments, order_by=["attributes.start_time ASC"]):  # a rerun's figures win
+        name = run.data.tags.get("dvc.stage") or run.data.tags.get("stage", "?")
+        for key, unit in RATES.items():
+            if key in run.data.metrics:  # the last logged value: the last epoch
+                out[f"{name} {unit}"] = run.data.metrics[key]
     return out
 
 

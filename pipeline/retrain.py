@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import checkpoint
-from pipeline.plots import append_row
+from pipeline.records import append_row
 from pipeline.space import SKIP, SpaceSpec
 from pipeline.supernet import SupernetBlock, candidate_state_dict
 from pipeline.train import LossFn

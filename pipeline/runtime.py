@@ -12,6 +12,7 @@ import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,23 @@ class Precision:
         """Resume the loss scale; a checkpoint without one (amp off, bfloat16) leaves the initial scale."""
         if state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Where and how a loop runs (teacher, supernet block, student, ranking unit): the one reading of the runtime
+    params that every loop shares. Only ``seed`` changes a result on a given device."""
+
+    device: torch.device
+    seed: int = 0
+    amp: bool = False  # Precision: bfloat16, or float16 with a GradScaler
+    channels_last: bool = True
+    progress: bool = True
+
+
+def loop_for(rt: Runtime, device: torch.device, seed: int, progress: bool | None = None) -> Loop:
+    """The Loop of a stage: ``runtime.*`` params on ``device``; ``progress`` overrides ``runtime.progress``."""
+    return Loop(device, seed, rt.amp, rt.channels_last, rt.progress if progress is None else progress)
 
 
 def seed_everything(seed: int) -> None:

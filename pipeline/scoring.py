@@ -175,8 +175,8 @@ def summary(rows: Sequence[Mapping[str, float | str]], trivial: np.ndarray, tau:
     return {"candidates": len(rows), "score_best": float(scores.min()), "score_median": float(np.median(scores)),
             "score_worst": float(scores.max()), "score_trivial": float(trivial[0].mean()),
             "mse_trivial": float(trivial[1].mean()), "beat_trivial": float((scores < trivial[0].mean()).mean()),
-            "tau_halves": tau, "rated": rated, "seconds": seconds,
-            "candidates_per_s": rated / seconds if seconds > 0 else float("nan")}
+            "tau_halves": tau, "run/rated": rated, "run/seconds": seconds,
+            "run/candidates_per_s": rated / seconds if seconds > 0 else float("nan")}
 
 
 def plot_scores(block: str, rows: Sequence[Mapping[str, float | str]], trivial: float):

@@ -32,7 +32,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pipeline import checkpoint, runtime
+from pipeline import checkpoint, records, runtime
 from pipeline import space as space_module
 from pipeline.config import Params, Supernet, as_dict
 from pipeline.features import prefetch
@@ -242,18 +242,12 @@ def _rng(seed: int, block: BlockSpec, *stream: int) -> np.random.Generator:
 
 
 # ---------------------------------------------------------------------------------------------------- training
-@dataclass
-class Run:
-    """Where and how a block trains (runtime settings that do not change the result on one device)."""
+@dataclass(frozen=True)
+class BlockCheckpoint:
+    """A block's per-epoch checkpoint: where it lives and what it must match to be resumed."""
 
-    checkpoint: Path
+    path: Path
     fingerprint: str  # identifies config + data: a checkpoint with another fingerprint is never resumed
-    device: torch.device
-    seed: int = 0
-    lr: float = 0.0  # 0 = cfg.lr
-    amp: bool = False
-    channels_last: bool = False
-    progress: bool = False
     rebuild: str = "dvc repro supernet"  # named in errors about the checkpoint
 
 
@@ -269,37 +263,38 @@ def load_trained(path: Path, net: SupernetBlock, fingerprint: str, rebuild: str)
     return state
 
 
-def train_block(net: SupernetBlock, data: BlockData, cfg: Supernet, run: Run,
+def train_block(net: SupernetBlock, data: BlockData, cfg: Supernet, loop: runtime.Loop, ckpt: BlockCheckpoint,
                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Train (or resume) one block's supernet; returns the per-epoch history. Rank 0 writes the checkpoint."""
-    net = runtime.to_device_model(net, run.device, run.channels_last)
-    optimizer = create_optimizer_v2(net, opt=cfg.opt, lr=run.lr or cfg.lr, weight_decay=cfg.weight_decay)
+    """Train (or resume) one block's supernet at ``cfg.lr`` (the stage sets a block's own lr there); returns the
+    per-epoch history of results. Rank 0 writes the checkpoint."""
+    net = runtime.to_device_model(net, loop.device, loop.channels_last)
+    optimizer = create_optimizer_v2(net, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=cfg.epochs, decay_epochs=1,
                                        decay_rate=cfg.lr_decay)
-    precision = runtime.Precision(run.device, run.amp)
-    history, start = _resume(run, net, optimizer, precision)
+    precision = runtime.Precision(loop.device, loop.amp)
+    history, start = _resume(ckpt, net, optimizer, precision)
     if start == cfg.epochs:
-        log.info("block %s: checkpoint %s already holds all %d epochs", net.block.name, run.checkpoint, cfg.epochs)
+        log.info("block %s: checkpoint %s already holds all %d epochs", net.block.name, ckpt.path, cfg.epochs)
         return history
     # the same path on every rank, so unsampled ops stay unused everywhere and keep grad None
-    model = runtime.maybe_ddp(net, run.device, find_unused_parameters=True)
-    val_index, bn_index = _eval_indices(data, cfg, net.block, run.seed)
-    val_sampler = PathSampler(net.block, "uniform", _rng(run.seed, net.block, 1))
+    model = runtime.maybe_ddp(net, loop.device, find_unused_parameters=True)
+    val_index, bn_index = _eval_indices(data, cfg, net.block, loop.seed)
+    val_sampler = PathSampler(net.block, "uniform", _rng(loop.seed, net.block, 1))
     val_paths = [val_sampler() for _ in range(cfg.val_paths)]
     for epoch in range(start, cfg.epochs):
         scheduler.step(epoch)
-        row = _train_epoch(model, optimizer, precision, data, cfg, run, epoch)
-        row.update(evaluate(net, data, val_index, bn_index, val_paths, run))
+        row = _train_epoch(model, optimizer, precision, data, cfg, loop, epoch)
+        row.update(val_loss(net, data, val_index, bn_index, val_paths, loop))
         row.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"])
-        history.append(row)
+        history.append(records.results(row))  # the checkpoint and the curves keep results only
         if runtime.is_main():
-            checkpoint.save(run.checkpoint, {"fingerprint": run.fingerprint, "block": net.block.name,
+            checkpoint.save(ckpt.path, {"fingerprint": ckpt.fingerprint, "block": net.block.name,
                                              "epoch": epoch + 1, "epochs": cfg.epochs, "model": net.state_dict(),
                                              "optimizer": optimizer.state_dict(), "scaler": precision.state_dict(),
                                              "history": history})
             log.info("block %s epoch %d/%d: train %.5f val %.5f (paths %.5f..%.5f) %.0f img/s, checkpoint saved",
                      net.block.name, epoch + 1, cfg.epochs, row["train_loss"], row["val_loss"], row["val_loss_min"],
-                     row["val_loss_max"], row["images_per_s"])
+                     row["val_loss_max"], row["run/images_per_s"])
             if on_epoch is not None:
                 on_epoch(row)
         if dist.is_initialized():
@@ -307,19 +302,19 @@ def train_block(net: SupernetBlock, data: BlockData, cfg: Supernet, run: Run,
     return history
 
 
-def _resume(run: Run, net: SupernetBlock, optimizer: torch.optim.Optimizer, precision: runtime.Precision
-            ) -> tuple[list[dict[str, float]], int]:
-    if not run.checkpoint.exists():
+def _resume(ckpt: BlockCheckpoint, net: SupernetBlock, optimizer: torch.optim.Optimizer,
+            precision: runtime.Precision) -> tuple[list[dict[str, float]], int]:
+    if not ckpt.path.exists():
         return [], 0
-    state = checkpoint.load(run.checkpoint, run.rebuild)
-    if state.get("fingerprint") != run.fingerprint:
+    state = checkpoint.load(ckpt.path, ckpt.rebuild)
+    if state.get("fingerprint") != ckpt.fingerprint:
         log.info("block %s: %s is from other params or features; training from scratch", net.block.name,
-                 run.checkpoint)
+                 ckpt.path)
         return [], 0
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     precision.load_state_dict(state.get("scaler", {}))
-    log.info("block %s: resuming from checkpoint %s after epoch %d/%d", net.block.name, run.checkpoint,
+    log.info("block %s: resuming from checkpoint %s after epoch %d/%d", net.block.name, ckpt.path,
              state["epoch"], state["epochs"])
     return list(state["history"]), int(state["epoch"])
 
@@ -331,7 +326,7 @@ def _eval_indices(data: BlockData, cfg: Supernet, block: BlockSpec, seed: int) -
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, precision: runtime.Precision, data: BlockData,
-                 cfg: Supernet, run: Run, epoch: int) -> dict[str, float]:
+                 cfg: Supernet, loop: runtime.Loop, epoch: int) -> dict[str, float]:
     """``train_samples`` fresh random train samples (all by default), one sampled path per step.
 
     Under DDP each rank takes every world-th batch of the same order. The loss sum stays on the device (no sync
@@ -339,7 +334,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, precision: 
     """
     net = runtime.unwrap(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    rng = _rng(run.seed, net.block, 2, epoch)
+    rng = _rng(loop.seed, net.block, 2, epoch)
     n_train = data.cache.num_samples("train")
     order = rng.permutation(n_train)[:cfg.train_samples or n_train]
     sampler = PathSampler(net.block, cfg.sampler, rng)
@@ -347,9 +342,9 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, precision: 
     bs = cfg.batch_size
     indices = [order[first:first + bs] for first in range(rank * bs, steps * world * bs, world * bs)]
     model.train()
-    stats, start = torch.zeros(2, dtype=torch.float64, device=run.device), time.perf_counter()  # loss sum, samples
-    pairs = data.batches("train", indices, run.device, run.channels_last)
-    for x, t in runtime.progress(pairs, run.progress, total=steps, desc=f"{net.block.name} epoch {epoch + 1}"):
+    stats, start = torch.zeros(2, dtype=torch.float64, device=loop.device), time.perf_counter()  # loss sum, samples
+    pairs = data.batches("train", indices, loop.device, loop.channels_last)
+    for x, t in runtime.progress(pairs, loop.progress, total=steps, desc=f"{net.block.name} epoch {epoch + 1}"):
         cid = sampler()  # every rank draws the same path: same seed, same sequence
         with precision.autocast():
             y = model(x, cid)
@@ -363,20 +358,20 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, precision: 
     if dist.is_initialized():
         dist.all_reduce(stats)
     loss_sum, seen = (float(v) for v in stats)
-    return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen / max(elapsed, 1e-9)}
+    return {"train_loss": loss_sum / max(seen, 1), "run/images_per_s": seen / max(elapsed, 1e-9)}
 
 
 @torch.no_grad()
-def evaluate(net: SupernetBlock, data: BlockData, val_index: np.ndarray, bn_index: np.ndarray,
-             paths: Sequence[str], run: Run, cfg_batch: int = 512) -> dict[str, float]:
+def val_loss(net: SupernetBlock, data: BlockData, val_index: np.ndarray, bn_index: np.ndarray,
+             paths: Sequence[str], loop: runtime.Loop, cfg_batch: int = 512) -> dict[str, float]:
     """Val loss of fixed paths, each with BN recalibrated on a fixed train batch, on a copy of the weights.
 
     The copy keeps the training state (BN buffers) untouched, so evaluation never changes the result.
     """
     net = copy.deepcopy(runtime.unwrap(net)).eval()
-    x_bn, _ = data.batch("train", bn_index, run.device, run.channels_last)
+    x_bn, _ = data.batch("train", bn_index, loop.device, loop.channels_last)
     batches = list(data.batches("val", (val_index[i:i + cfg_batch] for i in range(0, len(val_index), cfg_batch)),
-                                run.device, run.channels_last))
+                                loop.device, loop.channels_last))
     losses = []
     for cid in paths:
         path = net.path(cid)

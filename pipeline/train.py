@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +21,18 @@ import torch.nn.functional as F
 from pipeline import checkpoint
 from pipeline.config import Recipe, as_dict
 from pipeline.data import Split, batches
-from pipeline.runtime import Precision, autocast, init_distributed, is_main, maybe_ddp, progress, unwrap
+from pipeline.runtime import Loop, Precision, autocast, init_distributed, is_main, maybe_ddp, progress, unwrap
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
 
 
-@dataclass
-class Loop:
-    """How batches are produced: device, layout, precision, progress, seed."""
-
-    device: torch.device
-    meta: dict
-    seed: int = 0
-    amp: bool = False
-    channels_last: bool = True
-    show_progress: bool = True
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, loop: Loop, batch_size: int) -> dict[str, float]:
+def evaluate(model: nn.Module, split: Split, meta: Mapping[str, Any], loop: Loop, batch_size: int) -> dict[str, float]:
     """Top-1 accuracy and cross-entropy over a whole split."""
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    for x, y in batches(split, loop.meta, batch_size, loop.device, channels_last=loop.channels_last):
+    for x, y in batches(split, meta, batch_size, loop.device, channels_last=loop.channels_last):
         with autocast(loop.device, loop.amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -66,15 +53,15 @@ def _optimizer_and_schedule(model: nn.Module, recipe: Recipe, steps_per_epoch: i
     return opt, sched
 
 
-def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, recipe: Recipe,
-                 loop: Loop, precision: Precision, epoch: int, steps_per_epoch: int, loss_fn: LossFn | None = None,
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, meta: Mapping[str, Any],
+                 recipe: Recipe, loop: Loop, precision: Precision, epoch: int, steps_per_epoch: int, loss_fn: LossFn | None = None,
                  ema: nn.Module | None = None) -> dict[str, float]:
     model.train()
     rank, world = init_distributed()
     loss_sum, n, start = torch.zeros((), device=loop.device), 0, time.perf_counter()
-    data = batches(train, loop.meta, recipe.batch_size, loop.device, shuffle=True, seed=loop.seed, epoch=epoch,
+    data = batches(train, meta, recipe.batch_size, loop.device, shuffle=True, seed=loop.seed, epoch=epoch,
                    rank=rank, world=world, augment_cfg=recipe.augment, channels_last=loop.channels_last)
-    for step, (x, y) in enumerate(progress(data, loop.show_progress, total=steps_per_epoch, desc=f"epoch {epoch}")):
+    for step, (x, y) in enumerate(progress(data, loop.progress, total=steps_per_epoch, desc=f"epoch {epoch}")):
         with precision.autocast():
             logits = model(x)
             loss = (loss_fn(logits, x, y) if loss_fn is not None
@@ -89,11 +76,11 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Spl
         loss_sum += loss.detach().float() * len(y)  # no .item(): keeps the step free of syncs
         n += len(y)
     seconds = time.perf_counter() - start
-    return {"train/loss": float(loss_sum) / max(n, 1), "train/images_per_s": n * world / seconds,
+    return {"train/loss": float(loss_sum) / max(n, 1), "run/train_images_per_s": n * world / seconds,
             "lr": opt.param_groups[0]["lr"]}
 
 
-def fit(model: nn.Module, train: Split, val: Split, recipe: Recipe, loop: Loop, ckpt_path: Path,
+def fit(model: nn.Module, train: Split, val: Split, meta: Mapping[str, Any], recipe: Recipe, loop: Loop, ckpt_path: Path,
         on_epoch: Callable[[int, dict], None] | None = None, *, loss_fn: LossFn | None = None,
         ema: nn.Module | None = None, identity: Mapping[str, Any] | None = None) -> nn.Module:
     """Train ``recipe.epochs`` epochs, resuming from ``ckpt_path``; returns the best-val-accuracy model.
@@ -120,9 +107,9 @@ def fit(model: nn.Module, train: Split, val: Split, recipe: Recipe, loop: Loop, 
             start, best = state["epoch"] + 1, state["best"]
             log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
     for epoch in range(start, recipe.epochs):
-        metrics = _train_epoch(model, opt, sched, train, recipe, loop, precision, epoch, steps, loss_fn, ema)
+        metrics = _train_epoch(model, opt, sched, train, meta, recipe, loop, precision, epoch, steps, loss_fn, ema)
         selected = ema.module if ema is not None else unwrap(model)
-        metrics.update({f"val/{k}": v for k, v in evaluate(selected, val, loop, recipe.eval_batch_size).items()})
+        metrics.update({f"val/{k}": v for k, v in evaluate(selected, val, meta, loop, recipe.eval_batch_size).items()})
         if metrics["val/acc"] > best["acc"]:
             best = {"acc": metrics["val/acc"], "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in selected.state_dict().items()}}

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from pipeline import records
 from pipeline.assembly import BlockTable, evaluate
 from pipeline.checkpoint import ArtifactError, atomic, read_json
 from pipeline.errors import PipelineError
@@ -351,7 +352,7 @@ def train_unit(job: Job) -> dict[str, Any]:
     from pipeline.data import Split, load_meta, load_split
     from pipeline.retrain import record_epoch
     from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
-    from pipeline.train import Loop, evaluate, fit
+    from pipeline.train import evaluate, fit
 
     done = finished(job)
     if done is not None:
@@ -369,14 +370,14 @@ def train_unit(job: Job) -> dict[str, Any]:
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     if cfg.train_limit:
         train = Split(train.images[:cfg.train_limit], train.labels[:cfg.train_limit])
-    loop = Loop(device, meta, job.seed, rt.amp, rt.channels_last, show_progress=False)
+    loop = runtime.loop_for(rt, device, job.seed, progress=False)
     job.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model = fit(model, train, val, cfg.train, loop, job.out_dir / CHECKPOINT, identity={"unit": job_fingerprint(job)},
+    model = fit(model, train, val, meta, cfg.train, loop, job.out_dir / CHECKPOINT, identity={"unit": job_fingerprint(job)},
                 on_epoch=lambda epoch, m: record_epoch(job.out_dir / EPOCHS, {"epoch": epoch, **m}))
-    best = evaluate(model, val, loop, cfg.train.eval_batch_size)
+    best = evaluate(model, val, meta, loop, cfg.train.eval_batch_size)
     result = {"name": job.arch.name, "kind": job.arch.kind, "seed": job.seed, "fingerprint": job_fingerprint(job),
-              "val_acc": best["acc"], "val_loss": best["loss"], "seconds": time.perf_counter() - start}
-    write_json(job.out_dir / RESULT, result)
+              "val_acc": best["acc"], "val_loss": best["loss"], "run/seconds": time.perf_counter() - start}
+    write_json(job.out_dir / RESULT, records.results(result))
     (job.out_dir / CHECKPOINT).unlink(missing_ok=True)  # the result is what later stages need
     return result

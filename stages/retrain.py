@@ -26,7 +26,7 @@ from pipeline.config import ConfigError, Params, as_dict, repo_root
 from pipeline.data import load_meta, load_split, normalize, prepared_identity
 from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
 from pipeline.teacher import load_teacher, weights_hash
-from pipeline.train import Loop, evaluate, fit
+from pipeline.train import evaluate, fit
 
 PREPARED, TEACHER, SUPERNET = Path("data/prepared"), Path("artifacts/teacher"), Path("artifacts/supernet")
 OUT, CKPT = Path("artifacts/student"), Path("checkpoints/retrain.pt")
@@ -56,7 +56,7 @@ def run(params: Params) -> dict[str, float]:
         loss_fn = retrain.distillation_loss(teacher, cfg.kd_weight, cfg.kd_temperature, cfg.train.label_smoothing)
         teacher_sha = weights_hash(root / TEACHER)
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None
-    loop = Loop(device, meta, params.seed, rt.amp, rt.channels_last, rt.progress)
+    loop = runtime.loop_for(rt, device, params.seed)
     identity = {"architecture": retrain.fingerprint(args=built.args), "seed": params.seed, "amp": rt.amp,
                 "teacher": teacher_sha, "supernet": checkpoint.tensors_digest(init) if init else "",
                 "retrain": {k: v for k, v in as_dict(cfg).items() if k not in EXPORT_ONLY},
@@ -65,11 +65,11 @@ def run(params: Params) -> dict[str, float]:
                "search.budget": params.search.budget, "seed": params.seed, "runtime.amp": rt.amp}
     main = runtime.is_main()
     with tracking.stage_run("retrain", tracked, root, params.tracking.experiment) if main else contextlib.nullcontext():
-        model = fit(model, splits["train"], splits["val"], cfg.train, loop, root / CKPT, identity=identity,
+        model = fit(model, splits["train"], splits["val"], meta, cfg.train, loop, root / CKPT, identity=identity,
                     on_epoch=lambda epoch, m: _on_epoch(root, epoch, m), loss_fn=loss_fn, ema=ema)
         if not main:
             return {}
-        metrics = {f"{s}/acc": evaluate(model, splits[s], loop, cfg.train.eval_batch_size)["acc"] for s in ("val", "test")}
+        metrics = {f"{s}/acc": evaluate(model, splits[s], meta, loop, cfg.train.eval_batch_size)["acc"] for s in ("val", "test")}
         metrics.update({"params": built.cost.params, "flops": built.cost.flops, "init/inherited_fraction": inherited,
                         "search/score": float(built.architecture.get("score", 0.0))})
         model = model.cpu().eval().to(memory_format=torch.contiguous_format)

@@ -9,13 +9,13 @@ while the stage runs, so a killed run does not rate them again.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from pipeline import cli, runtime, tracking
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.features import FeatureCache
+from pipeline.records import write_metrics
 from pipeline.scoring import (
     constant_errors,
     load_rating_data,
@@ -67,13 +67,11 @@ def run(params: Params, block: str) -> dict[str, float]:
         write_table(table, rows)
         tracking.log_metrics({f"score/{k}": v for k, v in stats.items()})
         _log_figure(plot_scores(block, rows, stats["score_trivial"]), f"scores_{block}.png")
-    metrics = root / METRICS_DIR / f"{block}.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(stats, indent=2))
+    write_metrics(root / METRICS_DIR / f"{block}.json", stats)
     partial.unlink(missing_ok=True)
     log.info("block %s: %d candidates, score best %.4f median %.4f worst %.4f (input-blind %.4f), "
              "split-half tau %.3f, %.1f candidates/s", block, len(rows), stats["score_best"], stats["score_median"],
-             stats["score_worst"], stats["score_trivial"], stats["tau_halves"], stats["candidates_per_s"])
+             stats["score_worst"], stats["score_trivial"], stats["tau_halves"], stats["run/candidates_per_s"])
     return stats
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -20,10 +20,11 @@ import torch.distributed as dist
 from pipeline import cli, runtime, tracking
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.features import FeatureCache
+from pipeline.records import write_metrics
 from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
 from pipeline.supernet import (
+    BlockCheckpoint,
     BlockData,
-    Run,
     SupernetBlock,
     checkpoint_path,
     feature_keys,
@@ -49,15 +50,15 @@ def run(params: Params, block: str) -> list[dict[str, float]]:
     if params.supernet.target_norm:
         stats = feature_moments(cache, "train", target_key)
         net.set_target_stats(stats["channel_mean"], stats["channel_std"])
-    cfg, rt = params.supernet, params.runtime
-    job = Run(checkpoint=checkpoint_path(root, block), fingerprint=fingerprint(params, block, cache), device=device,
-              seed=params.seed, lr=params.space.blocks[block].lr, amp=rt.amp, channels_last=rt.channels_last,
-              progress=rt.progress, rebuild=f"dvc repro supernet@{block}")
+    cfg = replace(params.supernet, lr=params.space.blocks[block].lr or params.supernet.lr)  # a block's own lr
+    loop = runtime.loop_for(params.runtime, device, params.seed)
+    ckpt = BlockCheckpoint(checkpoint_path(root, block), fingerprint(params, block, cache),
+                           rebuild=f"dvc repro supernet@{block}")
     tracked = {"space": as_dict(params.space), "supernet": as_dict(cfg), "seed": params.seed}
     opened = tracking.stage_run("supernet", tracked, root, params.tracking.experiment, block=block) \
         if runtime.is_main() else contextlib.nullcontext()
     with opened:
-        history = train_block(net, BlockData(cache, in_key, target_key), cfg, job,
+        history = train_block(net, BlockData(cache, in_key, target_key), cfg, loop, ckpt,
                               on_epoch=lambda row: tracking.log_metrics(_mlflow_row(row), step=int(row["epoch"])))
         if runtime.is_main():
             _write_outputs(root, block, history)
@@ -69,7 +70,7 @@ def run(params: Params, block: str) -> list[dict[str, float]]:
 def _mlflow_row(row: dict[str, float]) -> dict[str, float]:
     return {"train/loss": row["train_loss"], "val/loss": row["val_loss"], "val/loss_spread": row["val_loss_std"],
             "val/loss_min": row["val_loss_min"], "val/loss_max": row["val_loss_max"],
-            "perf/images_per_s": row["images_per_s"], "lr": row["lr"]}
+            "run/images_per_s": row["run/images_per_s"], "lr": row["lr"]}
 
 
 def _write_outputs(root: Path, block: str, history: list[dict[str, float]]) -> None:
@@ -81,11 +82,8 @@ def _write_outputs(root: Path, block: str, history: list[dict[str, float]]) -> N
         writer.writeheader()
         writer.writerows(history)
     summary = {"epochs": len(history), "val_loss_first": history[0]["val_loss"],
-               "val_loss_last": history[-1]["val_loss"], "train_loss_last": history[-1]["train_loss"],
-               "images_per_s": sum(r["images_per_s"] for r in history) / len(history)}
-    metrics = root / METRICS_DIR / f"{block}.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(summary, indent=2))
+               "val_loss_last": history[-1]["val_loss"], "train_loss_last": history[-1]["train_loss"]}
+    write_metrics(root / METRICS_DIR / f"{block}.json", summary)
     log.info("block %s: val loss %.5f -> %.5f over %d epochs", block, summary["val_loss_first"],
              summary["val_loss_last"], len(history))
 

@@ -30,7 +30,7 @@ from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
 
 OUT = Path("artifacts/validate")
 SAMPLE = "dvc repro validate/dvc.yaml:validate_sample"
-COLUMNS = ("name", "kind", "seed", "val_acc", "val_loss", "seconds")
+COLUMNS = ("name", "kind", "seed", "val_acc", "val_loss")
 log = logging.getLogger("stages.validate_train")
 
 
@@ -56,8 +56,9 @@ def run(params: Params) -> list[dict[str, Any]]:
             _log_unit(job, result)
             results.append(result)
             log.info("%s seed %d: val acc %.4f in %.0f s (%d/%d)", job.arch.name, job.seed, result["val_acc"],
-                     result["seconds"], len(results), len(jobs))
-        tracking.log_metrics({"units": len(results), "unit_seconds": sum(r["seconds"] for r in results)})
+                     result["run/seconds"], len(results), len(jobs))
+        tracking.log_metrics({"units": len(results),
+                              "run/unit_seconds": sum(r.get("run/seconds", 0.0) for r in results)})
     results.sort(key=lambda r: (r["name"], r["seed"]))
     _write_csv(root / OUT / "results.csv", results)
     return results
@@ -85,7 +86,7 @@ def _log_unit(job: validation.Job, result: dict[str, Any]) -> None:
         mlflow.log_params({"kind": job.arch.kind, "candidates": " ".join(job.arch.candidates), "seed": job.seed})
         tracking.log_metrics({"params": job.arch.params, "flops": job.arch.flops, "score": job.arch.score,
                               "val/acc": result["val_acc"], "val/loss": result["val_loss"],
-                              "seconds": result["seconds"]})
+                              "run/seconds": result["run/seconds"]})
         with contextlib.suppress(OSError), open(job.out_dir / validation.EPOCHS, newline="") as f:
             for row in csv.DictReader(f):
                 tracking.log_metrics({k: float(x) for k, x in row.items() if k != "epoch"}, step=int(row["epoch"]))

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny synthetic datasets in the real on-disk formats, and a tiny params tree."""
+"""The fixtures every test module shares (helpers behind them: ``tests/fakes.py``).
+
+Raw datasets in their on-disk formats, the params tree in a scratch root, one torch thread for every test, and
+two pristine workspaces built once per session (block side: supernet/score; student side: retrain/report) that a
+test copies before it writes (``copy_root``).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,16 @@ import gzip
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from pipeline.features import FeatureCache
+from tests.fakes import REPO, make_block_root, make_student_root, write_cache
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
@@ -45,3 +54,30 @@ def repo_copy(tmp_path: Path) -> Path:
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     shutil.copytree(REPO / "configs", root / "configs")
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: on this shared 2-core machine two threads spin against other jobs (5-25x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> FeatureCache:
+    """The stand-in teacher's feature cache: 512 train and 64 val samples (read-only: tests do not write it)."""
+    return write_cache(tmp_path_factory.mktemp("cache") / "features", n_train=512, n_val=64)
+
+
+@pytest.fixture(scope="session")
+def block_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pristine workspace for the supernet and score stages; copy it (``copy_root``) before writing."""
+    return make_block_root(tmp_path_factory.mktemp("block") / "root", n_train=512, n_val=64)
+
+
+@pytest.fixture(scope="session")
+def student_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pristine workspace for the retrain and report stages; copy it (``copy_root``) before writing."""
+    return make_student_root(tmp_path_factory.mktemp("student") / "root")

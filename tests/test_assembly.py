@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pipeline import assembly, cli, tracking
 from pipeline.assembly import AssemblyError, ExactSearch, optuna_search, read_tables, synthetic_tables
 from pipeline.config import ConfigError, load_params
-from tests.conftest import REPO
+from tests.fakes import REPO
 
 # ---------------------------------------------------------------------------------------------- brute force
 

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.config import ConfigError, Params, as_dict, load_params, validate
-from tests.conftest import REPO
+from tests.fakes import REPO
 
 
 def test_defaults_load_and_match_schema():

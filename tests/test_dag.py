@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.fakes import REPO
 
 PIPELINES = ("dvc.yaml", "validate/dvc.yaml")
 # Modules that cannot change what a stage writes: argument parsing, exception types, MLflow logging.

@@ -26,10 +26,11 @@ from pipeline import runtime, scoring, supernet
 from pipeline.config import Augment, Recipe
 from pipeline.data import Split
 from pipeline.features import FeatureCache, prefetch
+from pipeline.runtime import Loop
 from pipeline.space import build_space
-from pipeline.supernet import BlockData, Run, SupernetBlock, feature_keys, train_block
-from pipeline.train import Loop, fit
-from tests.blockfakes import BLOCKS, one_thread, teacher_split, tiny_params, write_cache  # noqa: F401 - autouse
+from pipeline.supernet import BlockCheckpoint, BlockData, SupernetBlock, feature_keys, train_block
+from pipeline.train import fit
+from tests.fakes import BLOCKS, teacher_split, tiny_params
 
 META = torch.device("meta")
 aten = torch.ops.aten
@@ -77,11 +78,6 @@ class FakeGroup:
         self.reduced += 1
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> FeatureCache:
-    return write_cache(tmp_path_factory.mktemp("cache") / "features", n_train=64, n_val=32)
-
-
 def test_the_checker_catches_a_cpu_scalar_leaking_into_a_meta_loop() -> None:
     """What the bug of issue 13 looked like: a CPU accumulator and a device loss."""
     loss = torch.ones((), device=META)
@@ -111,10 +107,10 @@ def _split(n: int, seed: int) -> Split:
 def test_classification_loop_keeps_every_tensor_on_the_loop_device(tmp_path: Path) -> None:
     """teacher, retrain and validate_train: train steps, EMA-free evaluation and the checkpoint, all on meta."""
     recipe = Recipe(epochs=2, batch_size=8, eval_batch_size=16, warmup_epochs=0, augment=Augment(erase_prob=0.5))
-    loop = Loop(META, {"mean": [0.5], "std": [0.25]}, seed=0, channels_last=True, show_progress=False)
+    loop = Loop(META, seed=0, channels_last=True, progress=False)
     rows: list[dict] = []
     with SameDevice():
-        model = fit(_Net().to(META), _split(24, 0), _split(16, 1), recipe, loop, tmp_path / "ckpt.pt",
+        model = fit(_Net().to(META), _split(24, 0), _split(16, 1), {"mean": [0.5], "std": [0.25]}, recipe, loop, tmp_path / "ckpt.pt",
                     on_epoch=lambda epoch, metrics: rows.append(metrics))
     assert len(rows) == 2 and next(model.parameters()).device == META
 
@@ -130,16 +126,16 @@ def test_supernet_training_and_its_collective_stay_on_the_loop_device(tiny_cache
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_params(["supernet.epochs=1", "supernet.val_samples=16"]).supernet
     data = BlockData(tiny_cache, *feature_keys(BLOCKS, name))
-    run = Run(checkpoint=tmp_path / "ckpt.pt", fingerprint="meta", device=META, channels_last=True)
+    loop = Loop(META, channels_last=True, progress=False)
     with SameDevice():
-        history = train_block(_block(name), data, cfg, run)
+        history = train_block(_block(name), data, cfg, loop, BlockCheckpoint(tmp_path / "ckpt.pt", "meta"))
     assert len(history) == 1
     group = FakeGroup(META)
     group.install(monkeypatch)
     net = runtime.to_device_model(_block(name), META, True)
     optimizer = torch.optim.Adam(net.parameters())
     with SameDevice():
-        supernet._train_epoch(net, optimizer, runtime.Precision(META, False), data, cfg, run, epoch=0)
+        supernet._train_epoch(net, optimizer, runtime.Precision(META, False), data, cfg, loop, epoch=0)
     assert group.reduced == 1
 
 
@@ -178,16 +174,16 @@ def test_float16_training_keeps_its_loss_scale_across_a_resume(tiny_cache: Featu
     monkeypatch.setattr(runtime, "amp_dtype", lambda device, enabled: torch.float16 if enabled else None)
     cfg = tiny_params(["supernet.epochs=2", "supernet.val_samples=16"]).supernet
     data = BlockData(tiny_cache, *feature_keys(BLOCKS, "b1"))
-    steps = tiny_cache.num_samples("train") // cfg.batch_size
+    steps = min(cfg.train_samples or tiny_cache.num_samples("train"), tiny_cache.num_samples("train")) // cfg.batch_size
 
     def train(ckpt: Path, amp: bool = True, stop: bool = False) -> dict:
         def maybe_stop(row: dict) -> None:
             if stop:
                 raise _Stop
 
-        run = Run(checkpoint=ckpt, fingerprint=f"amp={amp}", device=torch.device("cpu"), amp=amp)
+        loop = Loop(torch.device("cpu"), amp=amp, channels_last=False, progress=False)
         with contextlib.suppress(_Stop):
-            train_block(_block("b1"), data, cfg, run, on_epoch=maybe_stop)
+            train_block(_block("b1"), data, cfg, loop, BlockCheckpoint(ckpt, f"amp={amp}"), on_epoch=maybe_stop)
         return torch.load(ckpt, weights_only=True)
 
     assert train(tmp_path / "a.pt", stop=True)["scaler"]["_growth_tracker"] == steps  # stopped after one epoch

@@ -3,7 +3,6 @@ the comparisons it makes on a GPU, on synthetic tables and a tiny cache."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,9 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline import gpu_check
-from pipeline.plots import append_row
-from tests.blockfakes import one_thread, write_cache  # noqa: F401 - one_thread is an autouse fixture
-from tests.conftest import REPO
+from pipeline.records import append_row
+from tests.fakes import REPO, write_cache
 
 
 def test_dry_run_builds_validates_and_plans_every_stage_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -60,14 +58,20 @@ def test_score_taus_match_candidates_by_id(tmp_path: Path) -> None:
         gpu_check.score_taus(cpu, gpu)
 
 
-def test_throughput_reads_the_stages_files(tmp_path: Path) -> None:
-    for epoch, rate in ((0, 100.0), (1, 120.0)):
-        append_row(tmp_path / "plots/teacher.csv", {"epoch": epoch, "train/images_per_s": rate})
-    append_row(tmp_path / "plots/supernet/b0.csv", {"epoch": 1, "images_per_s": 900.0})
-    (tmp_path / "metrics/score").mkdir(parents=True)
-    (tmp_path / "metrics/score/b0.json").write_text(json.dumps({"candidates_per_s": 4.5}))
+def test_throughput_reads_the_run_metrics_from_the_workspace_store(tmp_path: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("dna")
+    logged = (("teacher", "run/train_images_per_s", [100.0, 120.0]), ("supernet@b0", "run/images_per_s", [900.0]),
+              ("score@b0", "run/candidates_per_s", [4.5]), ("score@b0", "run/candidates_per_s", [5.0]))
+    for stage, key, values in logged:  # the second score@b0 run (a rerun) is the one reported
+        run = client.create_run(experiment, tags={"dvc.stage": stage})
+        for step, value in enumerate(values):
+            client.log_metric(run.info.run_id, key, value, step=step)
+        client.log_metric(run.info.run_id, "val/acc", 0.5)
     assert gpu_check.throughput(tmp_path) == {"teacher images/s": 120.0, "supernet@b0 images/s": 900.0,
-                                              "score@b0 candidates/s": 4.5}
+                                              "score@b0 candidates/s": 5.0}
 
 
 def test_same_batches_compares_the_prefetched_reader_with_direct_reads(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.data import prepare
-from tests.conftest import REPO
+from tests.fakes import REPO
 
 TINY_TEACHER = ("teacher.kwargs.channels=[8,16,16,32]", "teacher.kwargs.stem_width=8", "teacher.train.epochs=1",
                 "teacher.train.warmup_epochs=0", "runtime.threads=1")

@@ -15,16 +15,15 @@ from pipeline.config import load_params
 from pipeline.features import FeatureCache
 from pipeline.space import build_space, candidate_cost
 from pipeline.supernet import BlockData, SupernetBlock, checkpoint_path, feature_keys
-from tests.blockfakes import (  # noqa: F401 - one_thread is an autouse fixture
+from tests.fakes import (
     BLOCKS,
     REPO,
+    copy_root,
     load_stage,
-    make_root,
-    one_thread,
+    resnet18_split,
     teacher_split,
     tiny_params,
 )
-from tests.test_space import resnet18_split
 
 INPUTS = {"b0": (1, 16, 16), "b1": (8, 8, 8), "b2": (16, 4, 4)}
 
@@ -123,8 +122,9 @@ def test_killed_scoring_resumes_without_rerating(tmp_path: Path, caplog: pytest.
 
 
 # -------------------------------------------------------------------------------------------- the stage
-def test_score_stage_writes_the_table_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = make_root(tmp_path / "root", n_train=256, n_val=64)
+def test_score_stage_writes_the_table_contract(block_root: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    root = copy_root(block_root, tmp_path / "root")
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     params = load_params(["supernet.epochs=1"], root=root)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError
 from pipeline.smoke import make_workspace
-from tests.conftest import REPO
+from tests.fakes import REPO
 
 
 @pytest.fixture

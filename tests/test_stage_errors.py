@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.fakes import REPO
 
 
 def run_stage(root: Path, stage: str, *overrides: str) -> subprocess.CompletedProcess:

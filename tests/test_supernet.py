@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, cli
+from pipeline import checkpoint, cli, runtime
 from pipeline.config import load_params
 from pipeline.features import FeatureCache
 from pipeline.scoring import constant_errors, load_rating_data, score_naive
 from pipeline.space import build_candidate, build_space
 from pipeline.supernet import (
+    BlockCheckpoint,
     BlockData,
     PathSampler,
-    Run,
     SupernetBlock,
     candidate_state_dict,
     checkpoint_path,
@@ -35,18 +35,15 @@ from pipeline.supernet import (
     recalibrate_bn,
     train_block,
 )
-from tests.blockfakes import (  # noqa: F401 - one_thread is an autouse fixture
+from tests.fakes import (
     BLOCKS,
     REPO,
     copy_root,
     load_stage,
-    make_root,
-    one_thread,
+    resnet18_split,
     teacher_split,
     tiny_params,
-    write_cache,
 )
-from tests.test_space import resnet18_split
 
 
 def _randomise_bn(net: torch.nn.Module, seed: int) -> None:
@@ -115,11 +112,6 @@ def test_recalibrate_bn_sets_exact_batch_statistics() -> None:
 
 
 # -------------------------------------------------------------------------------------------- training
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> FeatureCache:
-    return write_cache(tmp_path_factory.mktemp("cache") / "features", n_train=512, n_val=64)
-
-
 class Stop(Exception):
     pass
 
@@ -133,15 +125,15 @@ def _train(cache: FeatureCache, ckpt: Path, name: str = "b1", epochs: int = 3, s
     if standardise:
         stats = feature_moments(cache, "train", name)
         net.set_target_stats(stats["channel_mean"], stats["channel_std"])
-    run = Run(checkpoint=ckpt, fingerprint=f"fp-{epochs}-{overrides}", device=torch.device("cpu"), seed=0,
-              channels_last=True)
+    loop = runtime.Loop(torch.device("cpu"), seed=0, channels_last=True, progress=False)
+    run = BlockCheckpoint(ckpt, fingerprint=f"fp-{epochs}-{overrides}")
 
     def maybe_stop(row: dict) -> None:
         if stop_after and row["epoch"] == stop_after:
             raise Stop
 
     data = BlockData(cache, *feature_keys(BLOCKS, name))
-    return net, train_block(net, data, params.supernet, run, on_epoch=maybe_stop)
+    return net, train_block(net, data, params.supernet, loop, run, on_epoch=maybe_stop)
 
 
 def test_training_lowers_val_loss_and_is_reproducible(tiny_cache: FeatureCache, tmp_path: Path) -> None:
@@ -174,8 +166,9 @@ def test_unsampled_ops_are_never_updated(tiny_cache: FeatureCache, tmp_path: Pat
     block = build_space(params.space, teacher_split()).block("b1")
     net = SupernetBlock(block)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    run = Run(checkpoint=tmp_path / "c.pt", fingerprint="f", device=torch.device("cpu"))
-    train_block(net, BlockData(tiny_cache, *feature_keys(BLOCKS, "b1")), params.supernet, run)
+    loop = runtime.Loop(torch.device("cpu"), channels_last=False, progress=False)
+    train_block(net, BlockData(tiny_cache, *feature_keys(BLOCKS, "b1")), params.supernet, loop,
+                BlockCheckpoint(tmp_path / "c.pt", "f"))
     changed = {".".join(k.split(".")[:4]) for k, v in net.named_parameters() if not torch.equal(v, before[k])}
     assert len(changed) in (1, 3)  # the ops of exactly one sampled path (one-layer cell or three-layer cell)
 
@@ -221,21 +214,16 @@ def test_load_trained_rejects_missing_unfinished_foreign_and_corrupt(tiny_cache:
 
 
 # -------------------------------------------------------------------------------------------- the stage
-@pytest.fixture(scope="module")
-def stage_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_root(tmp_path_factory.mktemp("stage") / "root", n_train=512, n_val=64)
-
-
 def _env(root: Path, tracking: Path) -> dict[str, str]:
     """Stage subprocesses: one MLflow store for the whole module (a fresh sqlite store costs seconds to migrate)."""
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
             "MLFLOW_TRACKING_URI": f"sqlite:///{tracking / 'mlflow.db'}"}
 
 
-def test_kill_9_mid_training_then_rerun_resumes_without_redoing_an_epoch(stage_root: Path, tmp_path: Path) -> None:
-    root = copy_root(stage_root, tmp_path / "root")
+def test_kill_9_mid_training_then_rerun_resumes_without_redoing_an_epoch(block_root: Path, tmp_path: Path) -> None:
+    root = copy_root(block_root, tmp_path / "root")
     cmd = [sys.executable, str(REPO / "stages/supernet.py"), "block=b0", "supernet.epochs=5"]
-    proc = subprocess.Popen(cmd, cwd=root, env=_env(root, stage_root), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=_env(root, block_root), stderr=subprocess.PIPE, text=True)
     first_run = []
     for line in proc.stderr:  # kill right after the first epoch's checkpoint: mid epoch 2
         first_run.append(line)
@@ -246,7 +234,7 @@ def test_kill_9_mid_training_then_rerun_resumes_without_redoing_an_epoch(stage_r
     assert proc.returncode == -signal.SIGKILL
     done = checkpoint.load(checkpoint_path(root, "b0"), "x")["epoch"]
     assert 1 <= done < 5
-    rerun = subprocess.run(cmd, cwd=root, env=_env(root, stage_root), capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(cmd, cwd=root, env=_env(root, block_root), capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming from checkpoint {checkpoint_path(root, 'b0')} after epoch {done}/5" in rerun.stderr
     trained = [int(e) for e in re.findall(r"epoch (\d)/5: train", rerun.stderr)]
@@ -255,11 +243,11 @@ def test_kill_9_mid_training_then_rerun_resumes_without_redoing_an_epoch(stage_r
         assert [int(float(row["epoch"])) for row in csv.DictReader(f)] == [1, 2, 3, 4, 5]
 
 
-def test_ddp_two_cpu_processes_train_a_block_that_scoring_loads(stage_root: Path, tmp_path: Path) -> None:
-    root = copy_root(stage_root, tmp_path / "root")
+def test_ddp_two_cpu_processes_train_a_block_that_scoring_loads(block_root: Path, tmp_path: Path) -> None:
+    root = copy_root(block_root, tmp_path / "root")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "stages/supernet.py"), "block=b1", "supernet.epochs=1"]
-    out = subprocess.run(cmd, cwd=root, env=_env(root, stage_root), capture_output=True, text=True, timeout=180)
+    out = subprocess.run(cmd, cwd=root, env=_env(root, block_root), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count("epoch 1/1: train") == 1  # only rank 0 logs and writes
     params = load_params(["supernet.epochs=1"], root=root)
@@ -268,12 +256,13 @@ def test_ddp_two_cpu_processes_train_a_block_that_scoring_loads(stage_root: Path
 
     state = load_trained(checkpoint_path(root, "b1"), net, fingerprint(params, "b1", FeatureCache(
         root / "artifacts/features")), "dvc repro supernet@b1")
-    assert state["epoch"] == 1 and state["history"][0]["images_per_s"] > 0
+    assert state["epoch"] == 1 and state["history"][0]["train_loss"] > 0
+    assert not any(k.startswith("run/") for k in state["history"][0]), "timings stay out of the checkpoint"
 
 
-def test_stage_rejects_an_unknown_block_in_one_line(stage_root: Path, monkeypatch: pytest.MonkeyPatch,
+def test_stage_rejects_an_unknown_block_in_one_line(block_root: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.chdir(stage_root)
+    monkeypatch.chdir(block_root)
     for argv, message in ((["block=b7"], "block 'b7' is not in the space: choose one of b0, b1, b2"),
                           ([], "name exactly one block")):
         with pytest.raises(SystemExit) as exit_info:

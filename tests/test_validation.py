@@ -9,7 +9,7 @@ from pipeline import validation
 from pipeline.assembly import synthetic_tables
 from pipeline.config import ConfigError
 from stages.validate_report import TRAIN
-from tests.blockfakes import tiny_params
+from tests.fakes import tiny_params
 
 FIXED = {"params": 50_000.0, "flops": 1_000_000.0}
 

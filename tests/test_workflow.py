@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.fakes import REPO
 
 WORKFLOW = REPO / ".github" / "workflows" / "pipeline.yml"
 LINTER = REPO / "tests" / "actionlint.mjs"
