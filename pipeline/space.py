@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from timm.layers import create_conv2d, get_act_layer, get_norm_act_layer
-from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
+from timm.models._efficientnet_blocks import EdgeResidual, InvertedResidual, SqueezeExcite
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,50 +36,97 @@ from pipeline.config import Cell, ConfigError, Params, Space, repo_root
 SKIP = "skip"
 TEACHER_SPLIT = Path("artifacts/teacher/blocks.json")
 CHANNEL_DIVISOR = 8  # timm's EfficientNet rounds every width to a multiple of 8 (round_channels)
-_MBCONV = re.compile(r"^k(?P<kernel>\d+)e(?P<exp>\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------------- op registry
+_FIELDS = {"kernel": r"(?:[1-9]\d*)?[13579]", "exp": r"[1-9]\d*"}  # an odd kernel size, an expansion >= 1
+
+
 @dataclass(frozen=True)
 class OpType:
-    """How one kind of op is built as a module and written as one layer of a timm arch string."""
+    """One kind of op: the names it owns, its module, and its layer in a timm arch string.
 
-    build: Callable[..., nn.Module]  # (in_chs, out_chs, stride, se_ratio, act, **args) -> module
-    arch: Callable[..., str | None]  # (out_chs, stride, se_ratio, **args) -> arch string, None = no layer
+    ``grammar`` is a name with ``{kernel}``/``{exp}`` fields; ``parse_op`` matches it and hands the fields to
+    ``build`` and ``arch`` as ints, so a new kind is one entry in ``OP_TYPES`` and no parser change.
+    """
+
+    grammar: str  # e.g. "er_k{kernel}e{exp}"
+    build: Callable[..., nn.Module]  # (in_chs, out_chs, stride, se_ratio, act, **fields) -> module
+    arch: Callable[..., str | None]  # (out_chs, stride, se_ratio, **fields) -> arch-string layer, None = no layer
+    example: str  # a valid name, shown in errors and used by tests
+    description: str
+    se: bool = False  # whether the op carries a squeeze-excite of space.se_ratio
+
+    @functools.cached_property
+    def pattern(self) -> re.Pattern[str]:
+        parts = re.split(r"\{(\w+)\}", self.grammar)  # literal, field, literal, ...
+        return re.compile("".join(f"(?P<{part}>{_FIELDS[part]})" if i % 2 else re.escape(part)
+                                  for i, part in enumerate(parts)))
+
+
+def _se_layer(se_ratio: float, exp: int) -> Callable[..., nn.Module] | None:
+    # EfficientNetBuilder divides the SE ratio by the expansion (SE width from the block input): do the same.
+    return partial(SqueezeExcite, rd_ratio=se_ratio / exp) if se_ratio > 0 else None
 
 
 def _mbconv(in_chs: int, out_chs: int, stride: int, se_ratio: float, act: str, kernel: int, exp: int) -> nn.Module:
-    # EfficientNetBuilder divides the SE ratio by the expansion (SE width from the block input): do the same.
-    se_layer = partial(SqueezeExcite, rd_ratio=se_ratio / exp) if se_ratio > 0 else None
     return InvertedResidual(in_chs, out_chs, dw_kernel_size=kernel, stride=stride, exp_ratio=exp,
-                            se_layer=se_layer, act_layer=get_act_layer(act))
+                            se_layer=_se_layer(se_ratio, exp), act_layer=get_act_layer(act))
 
 
-def _mbconv_arch(out_chs: int, stride: int, se_ratio: float, kernel: int, exp: int) -> str:
+def _fused_mbconv(in_chs: int, out_chs: int, stride: int, se_ratio: float, act: str, kernel: int,
+                  exp: int) -> nn.Module:
+    # the kxk conv widens to make_divisible(in_chs * exp), as timm's builder makes it without force_in_chs
+    return EdgeResidual(in_chs, out_chs, exp_kernel_size=kernel, stride=stride, exp_ratio=exp,
+                        se_layer=_se_layer(se_ratio, exp), act_layer=get_act_layer(act))
+
+
+def _timm_layer(block_type: str, out_chs: int, stride: int, se_ratio: float, kernel: int, exp: int) -> str:
     se = f"_se{se_ratio:g}" if se_ratio > 0 else ""
-    return f"ir_r1_k{kernel}_s{stride}_e{exp}_c{out_chs}{se}"
+    return f"{block_type}_r1_k{kernel}_s{stride}_e{exp}_c{out_chs}{se}"
 
 
+# DNA's MBConv with SE, plus two kinds that run faster on CPUs and GPUs: MBConv without SE's global pool and gates,
+# and FusedMBConv (EfficientNetV2, Tan & Le 2021), whose dense kxk conv replaces the 1x1 expansion + depthwise pair.
 OP_TYPES: dict[str, OpType] = {
-    "ir": OpType(build=_mbconv, arch=_mbconv_arch),
-    SKIP: OpType(build=lambda *args, **kwargs: nn.Identity(), arch=lambda *args, **kwargs: None),
+    "ir": OpType(grammar="k{kernel}e{exp}", build=_mbconv, arch=partial(_timm_layer, "ir"), example="k3e6",
+                 description="MBConv + SE", se=True),
+    "ir_nose": OpType(grammar="k{kernel}e{exp}_nose", build=_mbconv, arch=partial(_timm_layer, "ir"),
+                      example="k3e6_nose", description="MBConv, no SE"),
+    "er": OpType(grammar="er_k{kernel}e{exp}", build=_fused_mbconv, arch=partial(_timm_layer, "er"),
+                 example="er_k3e4", description="FusedMBConv"),
+    SKIP: OpType(grammar=SKIP, build=lambda *args, **kwargs: nn.Identity(), arch=lambda *args, **kwargs: None,
+                 example=SKIP, description="identity"),
 }
 
 
 def parse_op(name: str) -> tuple[str, dict[str, int]]:
-    """``k5e3`` -> ("ir", {"kernel": 5, "exp": 3}); ``skip`` -> ("skip", {}); anything else is a ConfigError."""
-    if name == SKIP:
-        return SKIP, {}
-    match = _MBCONV.match(name)
-    if match is None or int(match["kernel"]) % 2 == 0 or int(match["exp"]) < 1:
-        raise ConfigError(f"params key 'space.ops' has unknown op {name!r}: use k<odd kernel>e<expansion> "
-                          f"(e.g. k3e6) or enable skips with space.identity=true")
-    return "ir", {"kernel": int(match["kernel"]), "exp": int(match["exp"])}
+    """``k5e3`` -> ("ir", {"kernel": 5, "exp": 3}); ``skip`` -> ("skip", {}); a name no type owns is a ConfigError."""
+    for kind, op_type in OP_TYPES.items():
+        match = op_type.pattern.fullmatch(name)
+        if match is not None:
+            return kind, {field: int(value) for field, value in match.groupdict().items()}
+    examples = ", ".join(f"{t.example} ({t.description})" for kind, t in OP_TYPES.items() if kind != SKIP)
+    raise ConfigError(f"params key 'space.ops' has unknown op {name!r}: use one of {examples} with an odd kernel "
+                      f"k and an expansion e >= 1, or enable skips with space.identity=true")
+
+
+def _resolve(name: str, se_ratio: float) -> tuple[OpType, float, dict[str, int]]:
+    """The op's type, the SE ratio it uses (0 for a type without SE) and the fields of its name."""
+    kind, fields = parse_op(name)
+    op_type = OP_TYPES[kind]
+    return op_type, se_ratio if op_type.se else 0.0, fields
 
 
 def build_op(name: str, in_chs: int, out_chs: int, stride: int, se_ratio: float, act: str) -> nn.Module:
-    kind, args = parse_op(name)
-    return OP_TYPES[kind].build(in_chs, out_chs, stride, se_ratio, act, **args)
+    op_type, se_ratio, fields = _resolve(name, se_ratio)
+    return op_type.build(in_chs, out_chs, stride, se_ratio, act, **fields)
+
+
+def op_arch(name: str, out_chs: int, stride: int, se_ratio: float) -> str | None:
+    """The op as one layer of a timm arch string (None for a skip, which is no timm block)."""
+    op_type, se_ratio, fields = _resolve(name, se_ratio)
+    return op_type.arch(out_chs, stride, se_ratio, **fields)
 
 
 # ---------------------------------------------------------------------------------------------------- geometry
@@ -330,8 +377,7 @@ def candidate_arch(block: BlockSpec, cid: str) -> list[str]:
     cell, ops = block.parse(cid)
     strings = []
     for layer, op in zip(cell.layers, ops, strict=True):
-        kind, args = parse_op(op)
-        arch = OP_TYPES[kind].arch(layer.student_out, layer.stride, block.se_ratio, **args)
+        arch = op_arch(op, layer.student_out, layer.stride, block.se_ratio)
         if arch is not None:
             strings.append(arch)
     return strings

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from timm.layers import get_act_layer
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.efficientnet import EfficientNet
@@ -14,16 +15,7 @@ from timm.models.efficientnet import EfficientNet
 from pipeline import space
 from pipeline.checkpoint import ArtifactError
 from pipeline.config import ConfigError, load_params
-from tests.blockfakes import REPO, one_thread, teacher_split, tiny_params  # noqa: F401
-
-
-def resnet18_split() -> dict:
-    """The default teacher's split: narrow resnet18 at 28 px, layer1..layer4 (32/64/128/256 channels)."""
-    chans, sizes = [1, 32, 64, 128, 256], [28, 14, 7, 4, 2]
-    return {"teacher": "resnet18", "image_size": 28, "in_chans": 1, "num_classes": 10,
-            "blocks": [{"name": f"b{i}", "boundary": i + 1, "modules": [f"layer{i + 1}"], "in_channels": chans[i],
-                        "out_channels": chans[i + 1], "stride": 2, "in_size": [sizes[i]] * 2,
-                        "out_size": [sizes[i + 1]] * 2} for i in range(4)]}
+from tests.fakes import EVERY_OP, OP_EXAMPLES, REPO, resnet18_split, rotating_choice, teacher_split, tiny_params
 
 
 @pytest.mark.parametrize("name", ["k3e3", "k3e6", "k5e3", "k5e6", "k7e3", "k7e6", "k9e1"])
@@ -39,7 +31,41 @@ def test_every_mbconv_op_is_timms_inverted_residual_with_se(name: str) -> None:
 
 def test_skip_op_is_identity_and_omitted_from_arch() -> None:
     assert isinstance(space.build_op("skip", 8, 8, 1, 0.25, "swish"), torch.nn.Identity)
-    assert space.OP_TYPES["skip"].arch(8, 1, 0.25) is None
+    assert space.op_arch("skip", 8, 1, 0.25) is None
+
+
+@pytest.mark.parametrize("kind", list(space.OP_TYPES))
+def test_every_op_type_owns_its_example_and_only_it(kind: str) -> None:
+    """The example parses back to its type, its fields rebuild the name, and no other type claims it."""
+    op_type = space.OP_TYPES[kind]
+    parsed, fields = space.parse_op(op_type.example)
+    assert parsed == kind and op_type.grammar.format(**fields) == op_type.example
+    assert [k for k, t in space.OP_TYPES.items() if t.pattern.fullmatch(op_type.example)] == [kind]
+    assert not set("-:.") & set(op_type.example)  # candidate ids join ops with '-', ':'; ModuleDict keys bar '.'
+
+
+@pytest.mark.parametrize("in_chs, out_chs, stride", [(16, 24, 2), (24, 24, 1)])
+@pytest.mark.parametrize("name", OP_EXAMPLES)
+def test_op_is_the_timm_block_its_arch_string_decodes_to(name: str, in_chs: int, out_chs: int, stride: int) -> None:
+    """build_op and timm's EfficientNetBuilder (from op_arch's string) make the same module, so costs agree."""
+    op = space.build_op(name, in_chs, out_chs, stride, 0.25, "swish")
+    arch = space.op_arch(name, out_chs, stride, 0.25)
+    timm_block = EfficientNet(decode_arch_def([[arch]]), stem_size=in_chs, fix_stem=True, num_features=0,
+                              in_chans=1, act_layer=get_act_layer("swish")).blocks[0][0]
+    assert type(op) is type(timm_block) and str(op) == str(timm_block)
+    assert {k: v.shape for k, v in op.state_dict().items()} == {k: v.shape for k, v in timm_block.state_dict().items()}
+    assert space.module_cost(op, (in_chs, 8, 8)) == space.module_cost(timm_block, (in_chs, 8, 8))
+    kind, _ = space.parse_op(name)
+    assert any(isinstance(m, SqueezeExcite) for m in op.modules()) == space.OP_TYPES[kind].se
+    assert op(torch.randn(2, in_chs, 8, 8)).shape == (2, out_chs, 8 // stride, 8 // stride)
+
+
+@pytest.mark.parametrize("bad", ["er_k4e3", "k3e0", "foo", "k4e3_nose", "k3e3_se", "er_k3e3_nose", "k03e3", "er_k3"])
+def test_unknown_op_fails_in_one_line_listing_every_type(bad: str) -> None:
+    with pytest.raises(ConfigError, match=f"'space.ops' has unknown op '{bad}'") as err:
+        load_params([f"space.ops=[k3e3,{bad}]"], root=REPO)
+    assert all(example in str(err.value) for example in OP_EXAMPLES) and "\n" not in str(err.value)
+    assert "space.identity=true" in str(err.value)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -114,6 +140,9 @@ def test_candidate_arch_strings_decode_in_timm() -> None:
     arch = space.candidate_arch(spec.block("b1"), "d3w8:k5e6-skip-k3e3")
     assert arch == ["ir_r1_k5_s2_e6_c8_se0.25", "ir_r1_k3_s1_e3_c16_se0.25"]
     assert decode_arch_def([arch])[0][0]["dw_kernel_size"] == 5
+    mixed = space.build_space(tiny_params(["space.ops=[k3e3,k5e6_nose,er_k3e4]"]).space, teacher_split())
+    arch = space.candidate_arch(mixed.block("b1"), "d3w8:er_k3e4-k5e6_nose-k3e3")
+    assert arch == ["er_r1_k3_s2_e4_c8", "ir_r1_k5_s1_e6_c8", "ir_r1_k3_s1_e3_c16_se0.25"]
 
 
 def _timm_student(spec: space.SpaceSpec, choice: dict[str, str]) -> torch.nn.Module:
@@ -122,7 +151,9 @@ def _timm_student(spec: space.SpaceSpec, choice: dict[str, str]) -> torch.nn.Mod
 
 @pytest.mark.parametrize("overrides, split", [
     ([], "resnet18"),
+    ([EVERY_OP], "resnet18"),
     (["space.identity=true", "space.head=0"], "tiny"),
+    ([EVERY_OP, "space.identity=true"], "tiny"),
 ])
 def test_cost_model_equals_a_count_of_the_timm_student(overrides: list[str], split: str) -> None:
     """Params and MACs of the timm EfficientNet built from the arch strings = fixed cost + sum of candidate costs."""
@@ -132,8 +163,8 @@ def test_cost_model_equals_a_count_of_the_timm_student(overrides: list[str], spl
         params, tsplit = tiny_params(overrides), teacher_split()
     spec = space.build_space(params.space, tsplit)
     rng = random.Random(0)
-    for _ in range(2):
-        choice = {b.name: rng.choice(list(b.candidates())) for b in spec.blocks}
+    drawn = [{b.name: rng.choice(list(b.candidates())) for b in spec.blocks} for _ in range(2)]
+    for choice in [*drawn, rotating_choice(spec)]:
         model = _timm_student(spec, choice)
         counted = space.module_cost(model, (tsplit["in_chans"], tsplit["image_size"], tsplit["image_size"]))
         modelled = sum((space.candidate_cost(b, choice[b.name]) for b in spec.blocks), space.fixed_parts_cost(spec))

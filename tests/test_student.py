@@ -17,9 +17,7 @@ from timm.models.efficientnet import EfficientNet
 from pipeline import space, student
 from pipeline.checkpoint import ArtifactError
 from pipeline.config import load_params
-from tests.blockfakes import REPO, one_thread, teacher_split, tiny_params  # noqa: F401
-from tests.studentfakes import write_scores
-from tests.test_space import resnet18_split
+from tests.fakes import EVERY_OP, REPO, resnet18_split, rotating_choice, teacher_split, tiny_params, write_scores
 
 META = {"num_classes": 10, "in_chans": 1, "image_size": 16, "mean": [0.3], "std": [0.2],
         "classes": [f"c{i}" for i in range(10)]}
@@ -79,6 +77,27 @@ def test_default_space_student_matches_the_cost_model() -> None:
     modelled = sum((space.candidate_cost(b, choice[b.name]) for b in spec.blocks), space.fixed_parts_cost(spec))
     assert space.module_cost(model, (1, 28, 28)) == modelled
     assert model.pretrained_cfg["input_size"] == (1, 28, 28) and model.pretrained_cfg["mean"] == (0.3,)
+
+
+def test_every_op_type_builds_the_searched_layers_exports_and_reloads(tmp_path: Path) -> None:
+    """A student mixing every op type: each timm block is the space's layer at student widths (module, params,
+    cost), and the export reloads to the same outputs."""
+    spec = space.build_space(tiny_params([EVERY_OP]).space, teacher_split())
+    choice = rotating_choice(spec)
+    model = student.create(student.model_args(spec, choice), META).eval()
+    for stage, block in enumerate(spec.blocks):
+        cell, ops = block.parse(choice[block.name])
+        layers = [space.build_layer(block, la, op, student=True) for la, op in zip(cell.layers, ops, strict=True)]
+        assert [str(m) for m in model.blocks[stage]] == [str(m) for m in layers]
+        assert [m.state_dict().keys() for m in model.blocks[stage]] == [m.state_dict().keys() for m in layers]
+    kinds = {space.parse_op(op)[0] for cid in choice.values() for op in cid.rpartition(":")[2].split("-")}
+    assert kinds == set(space.OP_TYPES) - {space.SKIP}
+    modelled = sum((space.candidate_cost(b, choice[b.name]) for b in spec.blocks), space.fixed_parts_cost(spec))
+    assert space.module_cost(model, (1, 16, 16)) == modelled
+    out = student.save(model, tmp_path / "student", {"candidates": list(choice.values())})
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(student.load(out)(x), model(x), rtol=0, atol=0)
 
 
 def test_dna_student_is_a_timm_registry_model() -> None:
