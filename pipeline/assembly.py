@@ -11,7 +11,10 @@ blocks, the problem is a multiple-choice knapsack, solved here exactly and for e
   merge is the complete front of the whole space, with no cost discretisation. Sums are formed in
   block order, exactly as brute force forms them, so the front matches brute force bit for bit;
 * a budget is answered from the front by binary search; the k best architectures come from a
-  best-first search whose bound, the prefix fronts, is exact.
+  best-first search whose bound, the prefix fronts, is exact;
+* limits on further metrics (latency, FLOPs) next to the budget make it a multi-constraint knapsack: the same
+  best-first search bounds each partial assignment by every metric's prefix front and keeps the largest bound,
+  after dropping candidates that another one of the block beats on the score and every limited cost.
 
 Optuna (one categorical per block, TPE with the budget as a constraint, or NSGA-II on score and cost)
 is the alternative the product offers; its gap to the exact optimum is reported.
@@ -200,95 +203,258 @@ def _merge(level: _Level, cost: np.ndarray, score: np.ndarray, rows: np.ndarray)
     return _Level(*(m[keep] for m in merged))
 
 
-class ExactSearch:
-    """Exact multiple-choice knapsack over blocks: the whole Pareto front, any budget, the k best.
+@dataclass(frozen=True)
+class _Metric:
+    """One cost metric: per-block costs, the fixed parts' cost, and its prefix fronts (the exact one-metric bounds)."""
 
-    Args:
-        costs: per block, each candidate's cost (params or FLOPs).
-        scores: per block, each candidate's score (lower is better).
-        fixed_cost: cost of the parts that are not searched (stem, head, fixed layers).
-    """
-
-    def __init__(self, costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed_cost: float = 0.0):
-        if not costs or len(costs) != len(scores):
-            raise ValueError("need one cost and one score array per block, at least one block")
-        self.costs = [np.asarray(c, dtype=np.float64) for c in costs]
-        self.scores = [np.asarray(s, dtype=np.float64) for s in scores]
-        self.fixed_cost = float(fixed_cost)
-        zero = np.zeros(1, dtype=np.int64)
-        self._levels = [_Level(np.array([self.fixed_cost]), np.zeros(1), zero, zero)]
-        for cost, score in zip(self.costs, self.scores, strict=True):
-            if cost.shape != score.shape or cost.ndim != 1 or not len(cost):
-                raise ValueError("every block needs matching, non-empty 1-d cost and score arrays")
-            rows = pareto_indices(cost, score)
-            self._levels.append(_merge(self._levels[-1], cost[rows], score[rows], rows))
+    costs: list[np.ndarray]
+    fixed: float
+    levels: list[_Level]  # levels[j]: front of the fixed parts and blocks 0..j-1, cost vs score
+    scale: float  # no total can exceed it in size: the yardstick of rounding slack
 
     @property
     def cheapest(self) -> float:
-        return float(self._levels[-1].cost[0])
+        return float(self.levels[-1].cost[0])
 
-    def front(self) -> Front:
-        """Every Pareto-optimal (cost, score) point with one architecture realising it."""
-        last = self._levels[-1]
-        choice = np.empty((len(last.cost), len(self.costs)), dtype=np.int64)
-        index = np.arange(len(last.cost))
-        for block in range(len(self.costs), 0, -1):
-            level = self._levels[block]
-            choice[:, block - 1] = level.pick[index]
-            index = level.parent[index]
-        return Front(last.cost.copy(), last.score.copy(), choice)
 
-    def best(self, budget: float | None = None) -> Architecture:
-        """The minimum summed score with total cost <= budget (None: no budget); ties go to the cheaper."""
+@dataclass(frozen=True)
+class _Children:
+    """The children of a partial assignment that fit the caps, in bound order; one heap entry stands for the
+    child at its rank and the siblings after it."""
+
+    block: int
+    suffix: tuple[int, ...]  # the rows chosen for the blocks after `block`
+    rows: np.ndarray  # each child's row of `block`
+    key_score: np.ndarray  # bounds: (score, cost) of every complete architecture below is at least these
+    key_cost: np.ndarray
+    cost: np.ndarray  # (metrics, children): totals so far, fixed parts excluded
+    score: np.ndarray
+    cap: float  # the searched metric's cap the bounds assume
+
+
+def _metric(costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed: float) -> _Metric:
+    """Check one metric's arrays against the scores and merge its prefix fronts."""
+    costs = [np.asarray(c, dtype=np.float64) for c in costs]
+    if len(costs) != len(scores):
+        raise ValueError(f"need one cost array per block ({len(scores)} blocks), got {len(costs)}")
+    zero = np.zeros(1, dtype=np.int64)
+    levels = [_Level(np.array([float(fixed)]), np.zeros(1), zero, zero)]
+    for cost, score in zip(costs, scores, strict=True):
+        if cost.shape != score.shape or cost.ndim != 1 or not len(cost):
+            raise ValueError("every block needs matching, non-empty 1-d cost and score arrays")
+        rows = pareto_indices(cost, score)
+        levels.append(_merge(levels[-1], cost[rows], score[rows], rows))
+    return _Metric(costs, float(fixed), levels, abs(float(fixed)) + sum(float(np.abs(c).max()) for c in costs))
+
+
+def _needed(points: np.ndarray, k: int) -> np.ndarray:
+    """Rows of ``points`` (candidates x (score, costs)) with fewer than k predecessors: rows at most as large in
+    every column that sort before it lexicographically (of equal rows, the earlier). A candidate with k of them
+    is needed by no top-k set: swapping in each gives k other architectures at least as good in every sum.
+
+    Rows go in lexicographic order, a chunk at a time, compared with the rows kept so far and the earlier rows
+    of their chunk: the first k predecessors of any row have fewer than k themselves, so they are kept, and a
+    row counted from the chunk that is not kept brings its own k predecessors along.
+    """
+    order = np.lexsort(points.T[::-1])
+    ordered = points[order]
+    kept = np.zeros(len(points), dtype=bool)  # by position in `ordered`
+    step = 64  # small chunks: the rows kept so far are few, so the comparisons stay near linear
+    for start in range(0, len(points), step):
+        chunk = np.arange(start, min(start + step, len(points)))
+        earlier = np.concatenate([np.flatnonzero(kept[:start]), chunk])
+        below = np.ones((len(chunk), len(earlier)), dtype=bool)
+        below[:, -len(chunk):] = np.tri(len(chunk), k=-1, dtype=bool)
+        for column in ordered.T:
+            below &= column[None, earlier] <= column[chunk, None]
+        kept[chunk] = below.sum(axis=1) < k
+    return np.sort(order[kept])
+
+
+def _amount(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:.4g}"
+
+
+class ExactSearch:
+    """Exact multiple-choice knapsack over blocks: the whole Pareto front, any budget, the k best, also under
+    limits on further cost metrics (latency, FLOPs).
+
+    Args:
+        costs: per block, each candidate's cost in the searched metric (params or FLOPs).
+        scores: per block, each candidate's score (lower is better).
+        fixed_cost: cost of the parts that are not searched (stem, head, fixed layers).
+        metric: the searched metric's name, for messages, ``limits`` and ``totals``.
+        others: metrics that ``limits`` can bound: name -> (per block, each candidate's cost, aligned with
+            ``scores``; the fixed parts' cost in that metric).
+    """
+
+    def __init__(self, costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed_cost: float = 0.0, *,
+                 metric: str = "cost", others: Mapping[str, tuple[Sequence[np.ndarray], float]] | None = None):
+        if not costs or len(costs) != len(scores):
+            raise ValueError("need one cost and one score array per block, at least one block")
+        self.scores = [np.asarray(s, dtype=np.float64) for s in scores]
+        self.metric = metric
+        self._metrics = {metric: _metric(costs, self.scores, fixed_cost)}
+        for name, (other_costs, other_fixed) in (others or {}).items():
+            if name in self._metrics:
+                raise ValueError(f"metric {name!r} is given twice")
+            self._metrics[name] = _metric(other_costs, self.scores, other_fixed)
+        self.costs, self.fixed_cost = self._metrics[metric].costs, self._metrics[metric].fixed
+        # a score bound formed back to front can exceed a block-order total in the last bits
+        self._score_slack = 1e-9 * sum(float(np.abs(s).max()) for s in self.scores)
+
+    @property
+    def cheapest(self) -> float:
+        return self._metrics[self.metric].cheapest
+
+    def totals(self, choice: Sequence[int]) -> dict[str, float]:
+        """Every metric's total for one architecture (fixed parts included), the searched metric first."""
+        return {name: evaluate(m.costs, self.scores, m.fixed, choice).cost for name, m in self._metrics.items()}
+
+    def front(self, limits: Mapping[str, float] | None = None) -> Front:
+        """Every Pareto-optimal (cost, score) point with one architecture realising it.
+
+        With ``limits`` (metric name -> ceiling), the front of the architectures that meet them: the optimum
+        under the limits, then the optimum strictly cheaper than the last point found, and so on, in one search.
+        """
+        if not limits:
+            last = self._metrics[self.metric].levels[-1]
+            choice = np.empty((len(last.cost), len(self.scores)), dtype=np.int64)
+            index = np.arange(len(last.cost))
+            for block in range(len(self.scores), 0, -1):
+                level = self._metrics[self.metric].levels[block]
+                choice[:, block - 1] = level.pick[index]
+                index = level.parent[index]
+            return Front(last.cost.copy(), last.score.copy(), choice)
+        points = self._found(self._caps(None, limits), 1, front=True)[::-1]
+        return Front(np.array([a.cost for a in points]), np.array([a.score for a in points]),
+                     np.array([a.choice for a in points], dtype=np.int64))
+
+    def best(self, budget: float | None = None, limits: Mapping[str, float] | None = None) -> Architecture:
+        """The minimum summed score with total cost <= budget (None: no budget) and each limited metric's total
+        <= its limit (``limits``: metric name -> ceiling); ties go to the cheaper in the searched metric."""
+        if limits:
+            return self._found(self._caps(budget, limits), 1)[0]
         self._check_budget(budget)
         front = self.front()
         point = len(front.cost) - 1 if budget is None else int(np.searchsorted(front.cost, budget, "right")) - 1
         return evaluate(self.costs, self.scores, self.fixed_cost, front.choice[point])
 
-    def top_k(self, k: int, budget: float | None = None) -> list[Architecture]:
-        """The k lowest-score architectures within budget, best first (fewer if the space is smaller).
+    def top_k(self, k: int, budget: float | None = None,
+              limits: Mapping[str, float] | None = None) -> list[Architecture]:
+        """The k lowest-score architectures within budget and limits, best first, ties cheaper first (fewer if
+        fewer are feasible)."""
+        return self._found(self._caps(budget, limits), k)
 
-        Best-first search assigning blocks from the last to the first; a partial assignment's bound is
-        its score plus the exact best completion, read from the prefix front of the unassigned blocks,
-        so every popped complete assignment is the next best. Children are pushed lazily in bound
-        order (one sibling at a time), so the work grows with k, not with the space.
+    def _found(self, caps: Mapping[str, float], k: int, front: bool = False) -> list[Architecture]:
+        """``_search``, failing in one line when nothing meets the caps."""
+        found = self._search(caps, k, front)
+        if k >= 1 and not found:
+            raise self._infeasible(caps)
+        return found
+
+    def _search(self, caps: Mapping[str, float], k: int, front: bool = False) -> list[Architecture]:
+        """The k best architectures with every total <= its cap (``caps``: the searched metric first). With
+        ``front``, each one found lowers the searched metric's cap below its cost, so those found (all of them,
+        not k) are the front's points, dearest first.
+
+        Best-first search assigning blocks from the last to the first. A partial assignment is dropped when, in
+        some metric, its cost plus the cheapest completion exceeds the cap; its bound is its score plus the best
+        completion within every cap: the largest of the metrics' prefix-front answers, each exact for its metric
+        alone. Complete architectures enter the heap with their block-order totals, so they leave it exactly
+        in (score, cost) order. Children are pushed lazily in bound order (one sibling at a time), so the work
+        grows with k, not with the space; candidates with k predecessors in their block (``_needed``) are
+        never tried. A bound computed before the cap was lowered is recomputed when it leaves the heap.
         """
-        self._check_budget(budget)
-        limit = math.inf if budget is None else float(budget)
-        # Sums formed back to front can differ from the block-order total in the last bits: prune with a
-        # little slack, then check each complete architecture's block-order cost against the budget.
-        scale = abs(self.fixed_cost) + sum(float(np.abs(c).max()) for c in self.costs) + abs(limit)
-        slack = 0.0 if budget is None else 1e-9 * scale
-        heap: list[tuple[float, int, int, int]] = []  # (bound, tie-breaker, expansion, rank among its children)
-        expansions: list[tuple[int, tuple[int, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        metrics = [self._metrics[name] for name in caps]
+        cap = np.array(list(caps.values()), dtype=np.float64)
+        # Sums formed back to front can differ from block-order totals in the last bits: bounds get a little
+        # slack, and each complete architecture is checked by its block-order totals.
+        slack = 1e-9 * np.array([m.scale + (abs(c) if math.isfinite(c) else 0.0)
+                                 for m, c in zip(metrics, cap, strict=True)])
+        rows = self._rows(tuple(caps), 1 if front else k)
+        block_costs = [np.stack([m.costs[b][r] for m in metrics]) for b, r in enumerate(rows)]  # (metrics, rows)
+        block_scores = [s[r] for s, r in zip(self.scores, rows, strict=True)]
+        # (score bound, cost bound, tie-breaker, an architecture or (siblings, rank))
+        heap: list[tuple[float, float, int, Architecture | tuple[_Children, int]]] = []
         tie = itertools.count()
 
-        def expand(block: int, suffix: tuple[int, ...], cost: float, score: float) -> None:
-            prefix = self._levels[block]  # front of the fixed parts and the blocks before `block`
-            child_cost, child_score = cost + self.costs[block], score + self.scores[block]
-            point = np.searchsorted(prefix.cost, limit - child_cost + slack, "right") - 1
-            rows = np.flatnonzero(point >= 0)
-            if len(rows):
-                bound = child_score[rows] + prefix.score[point[rows]]
-                order = np.argsort(bound, kind="stable")
-                expansions.append((block, suffix, rows[order], bound[order], child_cost, child_score))
-                heapq.heappush(heap, (bound[order[0]], next(tie), len(expansions) - 1, 0))
+        def bounds(block: int, cost: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """For partial assignments down to ``block``: whether they fit every cap, and their bounds."""
+            bound = np.full(len(score), -np.inf)
+            fits = np.ones(len(score), dtype=bool)
+            for m, metric in enumerate(metrics):
+                prefix = metric.levels[block]  # front of the fixed parts and the blocks before `block`
+                point = np.searchsorted(prefix.cost, cap[m] - cost[m] + slack[m], "right") - 1
+                fits &= point >= 0
+                bound = np.maximum(bound, prefix.score[point])
+            return fits, score + bound - self._score_slack, cost[0] + metrics[0].levels[block].cost[0] - slack[0]
 
-        expand(len(self.costs) - 1, (), 0.0, 0.0)
+        def push(block: int, suffix: tuple[int, ...], child_rows: np.ndarray, child_cost: np.ndarray,
+                 child_score: np.ndarray) -> None:
+            """Sort the children that fit by bound and push the first, standing for them all."""
+            fits, key_score, key_cost = bounds(block, child_cost, child_score)
+            keep = np.flatnonzero(fits)
+            if len(keep):
+                order = keep[np.lexsort((key_cost[keep], key_score[keep]))]
+                children = _Children(block, suffix, child_rows[order], key_score[order], key_cost[order],
+                                     child_cost[:, order], child_score[order], float(cap[0]))
+                heapq.heappush(heap, (children.key_score[0], children.key_cost[0], next(tie), (children, 0)))
+
+        def expand(block: int, suffix: tuple[int, ...], cost: np.ndarray, score: float) -> None:
+            push(block, suffix, rows[block], cost[:, None] + block_costs[block], score + block_scores[block])
+
+        expand(len(self.scores) - 1, (), np.zeros(len(metrics)), 0.0)
         found: list[Architecture] = []
-        while heap and len(found) < k:
-            _, _, e, rank = heapq.heappop(heap)
-            block, suffix, rows, bound, child_cost, child_score = expansions[e]
-            if rank + 1 < len(rows):
-                heapq.heappush(heap, (bound[rank + 1], next(tie), e, rank + 1))
-            row = int(rows[rank])
-            if block == 0:
-                arch = evaluate(self.costs, self.scores, self.fixed_cost, (row, *suffix))
-                if arch.cost <= limit:
-                    found.append(arch)
+        while heap and (front or len(found) < k):
+            *_, item = heapq.heappop(heap)
+            if isinstance(item, Architecture):
+                if item.cost <= cap[0]:  # else found before the cap was lowered below it
+                    found.append(item)
+                    if front:
+                        cap[0] = np.nextafter(item.cost, -np.inf)
+                continue
+            group, rank = item
+            if cap[0] < group.cap:  # bounds from before the cap was lowered: sort these children again
+                push(group.block, group.suffix, group.rows[rank:], group.cost[:, rank:], group.score[rank:])
+                continue
+            if rank + 1 < len(group.rows):
+                heapq.heappush(heap, (group.key_score[rank + 1], group.key_cost[rank + 1], next(tie),
+                                      (group, rank + 1)))
+            choice = (int(group.rows[rank]), *group.suffix)
+            if group.block == 0:
+                totals = [evaluate(m.costs, self.scores, m.fixed, choice) for m in metrics]
+                if all(t.cost <= limit for t, limit in zip(totals, cap, strict=True)):
+                    heapq.heappush(heap, (totals[0].score, totals[0].cost, next(tie), totals[0]))
             else:
-                expand(block - 1, (row, *suffix), float(child_cost[row]), float(child_score[row]))
+                expand(group.block - 1, choice, group.cost[:, rank], float(group.score[rank]))
         return found
+
+    def _rows(self, names: tuple[str, ...], k: int) -> list[np.ndarray]:
+        """Per block, the candidates a top-k set under these metrics may need (``_needed``)."""
+        return [_needed(np.column_stack([s, *(self._metrics[n].costs[b] for n in names)]), k)
+                for b, s in enumerate(self.scores)]
+
+    def _caps(self, budget: float | None, limits: Mapping[str, float] | None) -> dict[str, float]:
+        """The ceiling of every limited metric, the searched metric first; an unreachable one fails here."""
+        caps = {self.metric: math.inf if budget is None else float(budget)}
+        if not limits:
+            self._check_budget(budget)
+            return caps
+        for name, limit in limits.items():
+            if name not in self._metrics:
+                raise ValueError(f"limit on unknown metric {name!r}: this search has {', '.join(self._metrics)}")
+            caps[name] = min(caps.get(name, math.inf), float(limit))
+        if any(c < self._metrics[name].cheapest for name, c in caps.items()):
+            raise self._infeasible(caps)
+        return caps
+
+    def _infeasible(self, caps: Mapping[str, float]) -> AssemblyError:
+        named = [name for name, c in caps.items() if math.isfinite(c)]
+        wanted = " and ".join(f"{name} <= {_amount(caps[name])}" for name in named)
+        least = ", ".join(f"the smallest {name} is {_amount(self._metrics[name].cheapest)}" for name in named)
+        return AssemblyError(f"limits {wanted} are infeasible together: {least} (fixed parts included, each "
+                             "metric on its own); raise a limit")
 
     def _check_budget(self, budget: float | None) -> None:
         if budget is not None and budget < self.cheapest:
@@ -443,6 +609,14 @@ def synthetic_tables(layers: Sequence[int] = (2, 3, 3, 2), widths: Sequence[int]
         names = tuple("-".join(f"k{_OPS[o][0]}e{_OPS[o][1]}" for o in combo) for combo in combos)
         tables.append(BlockTable(f"b{b}", names, score, params, flops))
     return tables
+
+
+def synthetic_latency(tables: Sequence[BlockTable], noise: float = 0.3, seed: int = 0) -> list[np.ndarray]:
+    """Per block, each candidate's latency in ms for tests and benchmarks of limits: a compute term (FLOPs) plus
+    a weight-read term (params), times log-normal noise, so it follows params loosely within a block and
+    differently across blocks (early blocks: many FLOPs, few params)."""
+    rng = np.random.default_rng(seed)
+    return [(t.flops * 2e-9 + t.params * 1e-5) * rng.lognormal(0, noise, len(t.params)) for t in tables]
 
 
 # ---------------------------------------------------------------------------------------------- the stage's work

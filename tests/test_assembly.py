@@ -43,6 +43,12 @@ def brute_front(cost, score):
     return set(zip(cost[~dominated].tolist(), score[~dominated].tolist(), strict=True))
 
 
+def ranked(score, cost):
+    """(score, cost) pairs best first, ties cheaper first: the order top_k promises."""
+    order = np.lexsort((cost, score))
+    return list(zip(score[order].tolist(), cost[order].tolist(), strict=True))
+
+
 values = st.one_of(st.integers(-3, 3).map(float), st.floats(-5, 5, allow_nan=False, width=64))
 cost_values = st.one_of(st.integers(0, 6).map(float), st.floats(0, 50, allow_nan=False))
 
@@ -80,10 +86,9 @@ def test_exact_equals_brute_force(instance):
     assert assembly.evaluate(costs, scores, fixed, best.choice) == best
 
     top = search.top_k(k, budget)
-    assert len(top) == min(k, int(feasible.sum()))
+    assert [(a.score, a.cost) for a in top] == ranked(score[feasible], cost[feasible])[:k]
     assert len({a.choice for a in top}) == len(top) and all(a.cost <= budget for a in top)
-    np.testing.assert_allclose([a.score for a in top], np.sort(score[feasible])[:k], rtol=0, atol=1e-9)
-    assert top[0].score == pytest.approx(best.score, abs=1e-9)
+    assert (top[0].score, top[0].cost) == (best.score, best.cost)
 
 
 def test_no_budget_takes_the_global_best():
@@ -112,6 +117,157 @@ def test_merge_in_chunks_matches_one_piece(monkeypatch):
     assert len(whole.cost) > 100
     np.testing.assert_array_equal(whole.cost, chunked.cost)
     np.testing.assert_array_equal(whole.score, chunked.score)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 40])
+def test_needed_rows_match_the_definition(k):
+    """Fewer than k rows at most as large in every column that sort first (of equal rows, the earlier)."""
+    rng = np.random.default_rng(k)
+    points = np.column_stack([rng.integers(0, 6, 300), rng.integers(0, 6, 300), rng.normal(size=300)])
+    points[::7] = points[3]  # duplicates, several chunks apart
+    at_most = (points[None, :, :] <= points[:, None, :]).all(axis=2)  # [i, j]: row j <= row i everywhere
+    first = (points[None, :, :] != points[:, None, :]).any(axis=2) | np.tri(len(points), k=-1, dtype=bool)
+    expected = np.flatnonzero((at_most & first).sum(axis=1) < k)
+    assert 0 < len(expected) < len(points)
+    np.testing.assert_array_equal(assembly._needed(points, k), expected)
+
+
+# ---------------------------------------------------------------------------------------------- limits
+
+
+def place(totals: np.ndarray, where: float | int) -> float:
+    """A limit from brute-force totals: a float is a position between the smallest and the largest (below 0:
+    under the smallest, infeasible), an int picks one architecture's total exactly (a tie with the limit)."""
+    if isinstance(where, int):
+        return float(totals[where % len(totals)])
+    return float(totals.min() + where * (totals.max() - totals.min()))
+
+
+@st.composite
+def limited_instances(draw):
+    """Up to 4 blocks x 8 candidates with one or two more metrics, each the searched cost scaled plus noise or
+    independent of it; limits from infeasible to loose, often exactly at a total; the budget as one of them."""
+    blocks = draw(st.integers(1, 4))
+    sizes = [draw(st.integers(1, 8)) for _ in range(blocks)]
+
+    def arrays(elements):
+        return [np.array(draw(st.lists(elements, min_size=n, max_size=n))) for n in sizes]
+
+    costs, scores = arrays(cost_values), arrays(values)
+    others = {}
+    for name in ("latency", "flops")[:draw(st.integers(1, 2))]:
+        if draw(st.booleans()):
+            factor = draw(st.sampled_from([0.5, 1.0, 3.0]))
+            other = [factor * c + noise for c, noise in zip(costs, arrays(st.integers(0, 4).map(float)), strict=True)]
+        else:
+            other = arrays(cost_values)
+        others[name] = (other, draw(st.sampled_from([0.0, 2.0, 0.25])))
+    where = st.one_of(st.floats(-0.2, 1.0), st.integers(0, 10_000))
+    positions = {"latency": draw(where)}  # always one limit beyond the budget
+    for name in ("cost", *others):
+        if name not in positions and draw(st.booleans()):
+            positions[name] = draw(where)
+    fixed = draw(st.sampled_from([0.0, 1.0, 7.0]))
+    return costs, scores, fixed, others, positions, draw(st.integers(1, 10))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(limited_instances())
+def test_limits_equal_brute_force(instance):
+    costs, scores, fixed, others, positions, k = instance
+    cost, score, _ = brute_force(costs, scores, fixed)
+    totals = {"cost": cost, **{name: brute_force(c, scores, f)[0] for name, (c, f) in others.items()}}
+    caps = {name: place(totals[name], where) for name, where in positions.items()}
+    budget, limits = caps.get("cost"), {name: c for name, c in caps.items() if name != "cost"}
+    feasible = np.logical_and.reduce([totals[name] <= c for name, c in caps.items()])
+    search = ExactSearch(costs, scores, fixed, others=others)
+
+    if not feasible.any():
+        for call in (lambda: search.best(budget, limits), lambda: search.top_k(k, budget, limits),
+                     lambda: search.front(caps)):
+            with pytest.raises(AssemblyError, match="are infeasible together: the smallest") as err:
+                call()
+            assert "\n" not in str(err.value)
+        return
+
+    def meets(arch) -> bool:
+        got = search.totals(arch.choice)
+        return arch == assembly.evaluate(costs, scores, fixed, arch.choice) and all(got[n] <= caps[n] for n in caps)
+
+    best = search.best(budget, limits)
+    assert (best.score, best.cost) == ranked(score[feasible], cost[feasible])[0] and meets(best)
+
+    top = search.top_k(k, budget, limits)
+    assert [(a.score, a.cost) for a in top] == ranked(score[feasible], cost[feasible])[:k]
+    assert len({a.choice for a in top}) == len(top) and all(meets(a) for a in top)
+
+    front = search.front(caps)  # the budget is the searched metric's limit
+    assert set(zip(front.cost.tolist(), front.score.tolist(), strict=True)) == brute_front(cost[feasible],
+                                                                                           score[feasible])
+    assert np.all(np.diff(front.cost) > 0) and np.all(np.diff(front.score) < 0)
+    assert all(meets(assembly.Architecture(tuple(c), s, a)) for a, s, c in zip(front.cost, front.score,
+                                                                                front.choice, strict=True))
+
+
+@pytest.mark.parametrize("params_at, latency_at", [(0.3, 0.3), (0.6, 0.2), (0.1, 0.9), (0.05, 0.05)])
+def test_two_limits_on_space_shaped_tables(params_at, latency_at):
+    """36^3 architectures with the ties real tables have (permuted ops: equal params and FLOPs); both limits
+    bind at (0.3, 0.3) and (0.05, 0.05), one of them at the others."""
+    tables = synthetic_tables(layers=(2, 2, 2), widths=(16, 32, 64), sizes=(14, 7, 4), seed=1)
+    scores, params, latency = [t.score for t in tables], [t.params for t in tables], assembly.synthetic_latency(tables)
+    cost, score, _ = brute_force(params, scores, 1000.0)
+    lat = brute_force(latency, scores, 0.5)[0]
+    caps = {"params": place(cost, params_at), "latency_ms": place(lat, latency_at)}
+    feasible = (cost <= caps["params"]) & (lat <= caps["latency_ms"])
+    search = ExactSearch(params, scores, 1000.0, metric="params", others={"latency_ms": (latency, 0.5)})
+    assert feasible.any()
+    best = search.best(limits=caps)
+    assert (best.score, best.cost) == ranked(score[feasible], cost[feasible])[0]
+    assert [(a.score, a.cost) for a in search.top_k(5, limits=caps)] == ranked(score[feasible], cost[feasible])[:5]
+    front = search.front(caps)
+    assert set(zip(front.cost.tolist(), front.score.tolist(), strict=True)) == brute_front(cost[feasible],
+                                                                                           score[feasible])
+
+
+def test_infeasible_limits_name_each_metric_smallest():
+    params = [np.array([4.0, 2.0]), np.array([3.0, 8.0])]  # fixed 10: cheapest 15, architecture (1, 0)
+    latency = [np.array([1.0, 5.0]), np.array([2.0, 0.5])]  # fixed 0.25: fastest 1.75, architecture (0, 1)
+    search = ExactSearch(params, [np.zeros(2), np.zeros(2)], 10, metric="params",
+                         others={"latency_ms": (latency, 0.25)})
+    together = ("limits params <= 16 and latency_ms <= 2 are infeasible together: the smallest params is 15, "
+                "the smallest latency_ms is 1.75 (fixed parts included, each metric on its own); raise a limit")
+    for call in (lambda: search.best(16, {"latency_ms": 2}), lambda: search.top_k(3, 16, {"latency_ms": 2}),
+                 lambda: search.best(limits={"params": 16, "latency_ms": 2}),
+                 lambda: search.front({"params": 16, "latency_ms": 2})):
+        with pytest.raises(AssemblyError) as err:
+            call()
+        assert str(err.value) == together
+    with pytest.raises(AssemblyError, match=r"^limits latency_ms <= 1 are infeasible together: the smallest "
+                                            r"latency_ms is 1.75 \("):
+        search.best(limits={"latency_ms": 1})
+    with pytest.raises(ValueError, match="unknown metric 'flops': this search has params, latency_ms"):
+        search.best(limits={"flops": 1})
+    best = search.best(16, {"latency_ms": 7.25})  # exactly at the only fitting architecture's latency
+    assert best.choice == (1, 0) and search.totals(best.choice) == {"params": 15.0, "latency_ms": 7.25}
+
+
+def test_front_under_limits_drops_what_breaks_them():
+    """front(limits) is the front of the architectures meeting the limits: the unlimited front's points that meet
+    them, plus points they uncover; it ends at best(limits=...). Without limits it is the plain front."""
+    tables = synthetic_tables(layers=(2, 2, 2), widths=(16, 32, 64), sizes=(14, 7, 4), seed=2)
+    latency = assembly.synthetic_latency(tables, seed=2)
+    search = ExactSearch([t.params for t in tables], [t.score for t in tables], metric="params",
+                         others={"latency_ms": (latency, 0.0)})
+    whole = search.front()
+    ms = [search.totals(c)["latency_ms"] for c in whole.choice]
+    limit = {"latency_ms": (ms[0] + ms[-1]) / 2}  # midway between the cheapest and the best point's latency
+    fast = search.front(limit)
+    assert all(search.totals(c)["latency_ms"] <= limit["latency_ms"] for c in fast.choice)
+    kept = {(c, s) for c, s, t in zip(whole.cost, whole.score, ms, strict=True) if t <= limit["latency_ms"]}
+    assert kept and kept < set(zip(fast.cost, fast.score, strict=True))
+    best = search.best(limits=limit)
+    assert (fast.cost[-1], fast.score[-1]) == (best.cost, best.score) and best.cost < whole.cost[-1]
+    assert search.front({}).cost.tolist() == whole.cost.tolist()
 
 
 # ---------------------------------------------------------------------------------------------- tables
