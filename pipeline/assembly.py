@@ -32,7 +32,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,10 @@ from pipeline.tracking import log_metrics
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("candidate", "score", "params", "flops")
-METRICS = ("params", "flops")
-TABLE_GLOB = "block_*.csv"
+COLUMNS = ("candidate", "score")  # a table's other columns are cost metrics, but for SCORE_EXTRAS
+SCORE_EXTRAS = ("mse",)  # written by the score stage beside the score, not a cost
+COUNTED = ("params", "flops")  # every architecture.json reports these
+TABLE_GLOB = "*.csv"
 REBUILD = "dvc repro score"
 _MAX_PAIRS = 1 << 21  # pairwise sums formed per merge chunk: bounds memory to a few tens of MB
 
@@ -61,17 +62,27 @@ class AssemblyError(PipelineError):
 
 @dataclass(frozen=True)
 class BlockTable:
-    """One block's score table: a row per candidate."""
+    """One block's candidates, their scores and their costs (metric -> one value per candidate)."""
 
-    name: str  # the file name's stem (block_0), or the space's block name (b0) once matched to the space
+    name: str  # the file name's stem, the space's block name (b0..) in the pipeline
     candidates: tuple[str, ...]
     score: np.ndarray
-    params: np.ndarray
-    flops: np.ndarray
+    costs: Mapping[str, np.ndarray]
     source: str = ""  # the file it was read from, for error messages
 
     def cost(self, metric: str) -> np.ndarray:
-        return self.params if metric == "params" else self.flops
+        if metric not in self.costs:
+            raise AssemblyError(f"{self.source or self.name} has no cost {metric!r} (it has "
+                                f"{', '.join(self.costs) or 'none'}): choose another search.metric or add the column")
+        return self.costs[metric]
+
+    @property
+    def params(self) -> np.ndarray:
+        return self.cost("params")
+
+    @property
+    def flops(self) -> np.ndarray:
+        return self.cost("flops")
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -80,7 +91,8 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def read_tables(scores_dir: Path | str) -> list[BlockTable]:
-    """Every ``block_*.csv`` of ``scores_dir``, in file-name order, validated row by row."""
+    """Every ``*.csv`` of ``scores_dir`` (the pipeline's: one per block, b0.csv ..), in natural file-name order,
+    validated row by row."""
     scores_dir = Path(scores_dir)
     if not scores_dir.is_dir():
         raise AssemblyError(f"score tables folder {scores_dir} does not exist: build it with `{REBUILD}` "
@@ -106,7 +118,7 @@ def read_table(path: Path | str) -> BlockTable:
             raise AssemblyError(f"{path} line 1: missing column(s) {', '.join(missing)} (header is "
                                 f"{','.join(header)}; needs {','.join(COLUMNS)}): {fix}")
         ids: dict[str, int] = {}
-        values: dict[str, list[float]] = {c: [] for c in COLUMNS[1:]}
+        values: dict[str, list[float]] = {c: [] for c in header if c != "candidate" and c not in SCORE_EXTRAS}
         for row in reader:
             line = reader.line_num
             if None in row or None in row.values():
@@ -122,8 +134,9 @@ def read_table(path: Path | str) -> BlockTable:
                 column_values.append(_number(path, line, column, row[column], fix))
     if not ids:
         raise AssemblyError(f"{path} has a header but no candidate rows (empty block): {fix}")
-    return BlockTable(name=path.stem, candidates=tuple(ids), source=str(path),
-                      **{c: np.asarray(v, dtype=np.float64) for c, v in values.items()})
+    arrays = {c: np.asarray(v, dtype=np.float64) for c, v in values.items()}
+    return BlockTable(name=path.stem, candidates=tuple(ids), score=arrays.pop("score"), costs=arrays,
+                      source=str(path))
 
 
 def _number(path: Path, line: int, column: str, text: str, fix: str) -> float:
@@ -519,22 +532,24 @@ def _storage(storage: str) -> Any:
 
 
 def study_name(blocks: Sequence[BlockTable], metric: str, budget: float | None, fixed_cost: float,
-               sampler: str, seed: int) -> str:
+               sampler: str, seed: int, limits: Mapping[str, tuple[float, float]] | None = None) -> str:
     """Workers sharing a storage join the same study only when they solve the same problem."""
-    digest = hashlib.sha256(repr((metric, budget, fixed_cost, sampler, seed)).encode())
+    digest = hashlib.sha256(repr((metric, budget, fixed_cost, sampler, seed, sorted((limits or {}).items()))).encode())
     for b in blocks:
         digest.update(repr((b.name, b.candidates)).encode())
-        for array in (b.score, b.params, b.flops):
-            digest.update(array.tobytes())
+        for name, array in (("score", b.score), *sorted(b.costs.items())):
+            digest.update(name.encode() + array.tobytes())
     return f"dna-assemble-{digest.hexdigest()[:12]}"
 
 
 def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | None, fixed_cost: float,
                   trials: int, sampler: str = "tpe", seed: int = 0, storage: str = "",
-                  callbacks: Sequence[Callable[[Any, Any], None]] = ()) -> OptunaResult:
+                  callbacks: Sequence[Callable[[Any, Any], None]] = (),
+                  limits: Mapping[str, tuple[float, float]] | None = None) -> OptunaResult:
     """Search with Optuna until the study holds ``trials`` finished trials (resuming a stored study).
 
-    ``tpe``: one objective, the summed score, with ``cost - budget <= 0`` as a constraint.
+    ``tpe``: one objective, the summed score, with ``cost - budget <= 0`` as a constraint, and one more per
+    ``limits`` entry (metric -> (ceiling, the fixed parts' cost in it)).
     ``nsga2``: two objectives, score and cost, with the same constraint. The first trial is the cheapest
     architecture, so every study has a feasible trial whenever one exists. A worker that joins or resumes
     a stored study seeds its sampler with ``seed`` plus the trials already there, so workers differ.
@@ -552,10 +567,12 @@ def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | Non
         trial.set_user_attr("cost", arch.cost)
         if budget is not None:
             trial.set_constraint("budget", arch.cost - budget)
+        for name, (limit, fixed) in (limits or {}).items():
+            trial.set_constraint(name, evaluate([b.cost(name) for b in blocks], scores, fixed, choice).cost - limit)
         return arch.score if sampler == "tpe" else (arch.score, arch.cost)
 
     study = optuna.create_study(storage=_storage(storage), load_if_exists=True,
-                                study_name=study_name(blocks, metric, budget, fixed_cost, sampler, seed),
+                                study_name=study_name(blocks, metric, budget, fixed_cost, sampler, seed, limits),
                                 directions=["minimize"] if sampler == "tpe" else ["minimize", "minimize"])
     done = len(study.get_trials(deepcopy=False, states=(state,)))
     worker_seed = seed + len(study.get_trials(deepcopy=False))
@@ -607,7 +624,7 @@ def synthetic_tables(layers: Sequence[int] = (2, 3, 3, 2), widths: Sequence[int]
         base = rng.uniform(0.3, 0.8)
         score = base * (1 - 0.15 * size_rank) + rng.normal(0, 0.03 * base, len(params))
         names = tuple("-".join(f"k{_OPS[o][0]}e{_OPS[o][1]}" for o in combo) for combo in combos)
-        tables.append(BlockTable(f"b{b}", names, score, params, flops))
+        tables.append(BlockTable(f"b{b}", names, score, {"params": params, "flops": flops}))
     return tables
 
 
@@ -623,26 +640,38 @@ def synthetic_latency(tables: Sequence[BlockTable], noise: float = 0.3, seed: in
 
 
 @dataclass(frozen=True)
-class Result:
+class Problem:
+    """What the assembly solves: the tables with their costs, each metric's fixed parts, and absolute ceilings."""
+
     tables: list[BlockTable]
+    fixed: dict[str, float]  # the fixed parts' cost per metric
     metric: str
-    budget: float | None
-    fixed: dict[str, float]  # the fixed parts' cost per metric (params, flops)
-    front: Front
-    exact: Architecture  # the exact optimum for the budget
+    budget: float | None  # absolute (search.relative resolved); None = no budget
+    limits: dict[str, float]  # absolute ceilings on further metrics
+    teacher: dict[str, float] = field(default_factory=dict)  # the teacher's costs (pipeline mode)
+    fingerprint: str = ""  # id of the machine the measured costs come from ("" = counted only)
+    arch: Callable[[dict[str, str]], Any] | None = None  # {block: candidate} -> timm arch strings
+
+
+@dataclass(frozen=True)
+class Result:
+    problem: Problem
+    front: Front  # score vs the searched metric, among architectures within the limits
+    exact: Architecture  # the exact optimum for the budget and limits
     top: list[Architecture]  # the search.top_k best, exact
     chosen: Architecture  # the exact optimum, or Optuna's best feasible trial
     optuna: OptunaResult | None
     exact_seconds: float
 
+    @property
+    def tables(self) -> list[BlockTable]:
+        return self.problem.tables
+
 
 def match_space(tables: Sequence[BlockTable], spec: Any) -> list[BlockTable]:
-    """Check the tables against the search space (``pipeline.space.SpaceSpec``) and name them like its blocks.
-
-    Catches stale or foreign tables before the search: the files must be ``block_<index>.csv`` for exactly
-    the space's blocks, and every candidate id must be one of the block's.
-    """
-    expected = [f"block_{b.index}" for b in spec.blocks]
+    """Check the score tables against the search space (``pipeline.space.SpaceSpec``): one ``<block>.csv`` for
+    exactly the space's blocks, every candidate id one of the block's, every candidate rated."""
+    expected = [b.name for b in spec.blocks]
     if [t.name for t in tables] != expected:
         raise AssemblyError(f"score tables {[t.name for t in tables]} do not match the search space's blocks "
                             f"{expected}: rebuild them with `{REBUILD}`")
@@ -652,67 +681,104 @@ def match_space(tables: Sequence[BlockTable], spec: Any) -> list[BlockTable]:
                 block.parse(cid)
             except ValueError as err:
                 raise AssemblyError(f"{table.source}: {err}: rebuild it with `{REBUILD}`") from None
-    return [replace(t, name=b.name) for t, b in zip(tables, spec.blocks, strict=True)]
+        if len(table.candidates) != block.num_candidates():
+            raise AssemblyError(f"{table.source} rates {len(table.candidates)} of the {block.num_candidates()} "
+                                f"candidates of block {block.name}: rebuild it with `{REBUILD}`")
+    return list(tables)
 
 
-def link_space(params: Params, tables: list[BlockTable], root: Path) -> tuple[
-        list[BlockTable], dict[str, float], Callable[[dict[str, str]], Any] | None]:
-    """(tables, fixed parts' cost per metric, arch-string builder or None) for the configured fixed cost.
+def problem(params: Params, tables: list[BlockTable], root: Path) -> Problem:
+    """The assembly's problem for ``params.search``.
 
-    An explicit ``search.fixed_cost`` is the searched metric's; the other metric's total then counts the
-    blocks only (raw tables carry no fixed parts).
+    Pipeline mode (``search.fixed_cost: null``): costs come from the ``costs`` stage's folder (counted ones from
+    the space, measured ones only from this machine, ``pipeline.costs.read_costs``), with the fixed parts' and the
+    teacher's. An explicit ``search.fixed_cost`` instead takes the tables' own cost columns as they are (raw tables:
+    ``candidate,score,params,flops``); it is the searched metric's fixed cost, the other metrics count the blocks.
     """
     s = params.search
+    wanted = list(dict.fromkeys([*COUNTED, s.metric, *s.limits]))
     if s.fixed_cost is not None:
-        return tables, {m: s.fixed_cost if m == s.metric else 0.0 for m in METRICS}, None
-    from pipeline import space  # torch and timm: only when the space is needed
+        fixed = {m: s.fixed_cost if m == s.metric else 0.0 for m in wanted}
+        for m in wanted[len(COUNTED):]:
+            tables[0].cost(m)  # a missing column fails here, in one line
+        return Problem(tables, fixed, s.metric, s.budget or None, dict(s.limits))
+    from pipeline import costs, space  # torch and timm: only when the space is needed
 
     spec = space.build_space(params.space, space.load_teacher_split(root / space.TEACHER_SPLIT))
-    cost = space.fixed_parts_cost(spec)
-    return (match_space(tables, spec), {"params": float(cost.params), "flops": float(cost.flops)},
-            lambda choice: space.arch_def(spec, choice))
+    tables = match_space(tables, spec)
+    here = costs.fingerprint(params.costs, params.runtime.channels_last)
+    read = {m: costs.read_costs(root / params.costs.out_dir, spec, m, here, params.costs.accept_fingerprint,
+                                params.costs.tolerance) for m in wanted}
+    linked = [replace(t, costs={m: np.array([read[m].blocks[t.name][c] for c in t.candidates]) for m in wanted})
+              for t in tables]
+    teacher = {m: c.teacher for m, c in read.items() if c.teacher is not None}
+    scale = _relative_scale(s, teacher, root / params.costs.out_dir) if s.relative else {}
+    measured = [c.fingerprint.get("id", "") for c in read.values() if c.metric.measured]
+    return Problem(linked, {m: c.fixed for m, c in read.items()}, s.metric,
+                   s.budget * scale.get(s.metric, 1.0) if s.budget else None,
+                   {m: v * scale.get(m, 1.0) for m, v in s.limits.items()}, teacher, measured[0] if measured else "",
+                   lambda choice: space.arch_def(spec, choice))
 
 
-def assemble(tables: Sequence[BlockTable], search: Search, fixed: Mapping[str, float]) -> Result:
-    """The exact front, optimum and top-k for ``search.budget``, in milliseconds: an unreachable budget fails
-    here, before any tracking run or Optuna trial starts."""
-    budget = search.budget or None
+def _relative_scale(s: Search, teacher: Mapping[str, float], folder: Path) -> dict[str, float]:
+    missing = [m for m in (s.metric, *s.limits) if m not in teacher]
+    if missing:
+        raise AssemblyError(f"search.relative=true needs the teacher's {', '.join(missing)}, which {folder} lacks: "
+                            "rebuild it with `dvc repro costs`")
+    return dict(teacher)
+
+
+def assemble(prob: Problem, search: Search) -> Result:
+    """The exact front, optimum and top-k under the budget and limits, in milliseconds: an unreachable budget
+    fails here, before any tracking run or Optuna trial starts."""
     start = time.perf_counter()
-    exact = ExactSearch([t.cost(search.metric) for t in tables], [t.score for t in tables], fixed[search.metric])
-    best = exact.best(budget)
-    front, top = exact.front(), exact.top_k(search.top_k, budget)
+    others = {m: ([t.cost(m) for t in prob.tables], prob.fixed[m]) for m in prob.fixed if m != prob.metric}
+    exact = ExactSearch([t.cost(prob.metric) for t in prob.tables], [t.score for t in prob.tables],
+                        prob.fixed[prob.metric], metric=prob.metric, others=others)
+    best = exact.best(prob.budget, prob.limits)
+    front, top = exact.front(prob.limits), exact.top_k(search.top_k, prob.budget, prob.limits)
     seconds = time.perf_counter() - start
     log.info("exact search: %d Pareto points, optimum %.6f at %s %g, in %.3f s", len(front.cost), best.score,
-             search.metric, best.cost, seconds)
-    return Result(list(tables), search.metric, budget, dict(fixed), front, best, top, best, None, seconds)
+             prob.metric, best.cost, seconds)
+    return Result(prob, front, best, top, best, None, seconds)
 
 
 def add_optuna(result: Result, search: Search, seed: int,
                callbacks: Sequence[Callable[[Any, Any], None]] = ()) -> Result:
     """Run Optuna on the same problem; its best feasible trial becomes the chosen architecture."""
-    found = optuna_search(result.tables, result.metric, result.budget, result.fixed[result.metric], search.trials,
-                          search.sampler, seed, search.storage, callbacks)
+    prob = result.problem
+    found = optuna_search(prob.tables, prob.metric, prob.budget, prob.fixed[prob.metric], search.trials,
+                          search.sampler, seed, search.storage, callbacks,
+                          limits={m: (v, prob.fixed[m]) for m, v in prob.limits.items()})
     assert found.best is not None, "the cheapest architecture is always enqueued, so a feasible trial exists"
     log.info("optuna (%s, %d trials): %.6f, %.2f%% above the exact optimum", search.sampler, found.trials,
              found.best.score, 100 * relative_gap(found.best.score, result.exact.score))
     return replace(result, chosen=found.best, optuna=found)
 
 
-def summary(result: Result, arch: Callable[[dict[str, str]], Any] | None = None) -> dict[str, Any]:
-    """The content of ``architecture.json``; ``arch`` maps {block: candidate} to timm arch strings."""
+def summary(result: Result, search: Search) -> dict[str, Any]:
+    """The content of ``architecture.json``: the choice, its totals in every metric, what it was searched under."""
+    prob = result.problem
 
     def describe(a: Architecture) -> dict[str, Any]:
-        totals = {m: _plain(evaluate([t.cost(m) for t in result.tables], [t.score for t in result.tables],
-                                     result.fixed[m], a.choice).cost) for m in METRICS}
-        return {"candidates": [t.candidates[r] for t, r in zip(result.tables, a.choice, strict=True)],
+        totals = {m: _plain(evaluate([t.cost(m) for t in prob.tables], [t.score for t in prob.tables],
+                                     prob.fixed[m], a.choice).cost) for m in prob.fixed}
+        return {"candidates": [t.candidates[r] for t, r in zip(prob.tables, a.choice, strict=True)],
                 "score": a.score, **totals}
 
-    out: dict[str, Any] = {**describe(result.chosen), "blocks": [t.name for t in result.tables],
-                           "metric": result.metric, "budget": None if result.budget is None else _plain(result.budget),
-                           "fixed_cost": {m: _plain(v) for m, v in result.fixed.items()},
+    out: dict[str, Any] = {**describe(result.chosen), "blocks": [t.name for t in prob.tables],
+                           "metric": prob.metric, "budget": None if prob.budget is None else _plain(prob.budget),
+                           "limits": {m: _plain(v) for m, v in prob.limits.items()},
+                           "search": {"metric": search.metric, "budget": search.budget, "limits": dict(search.limits),
+                                      "relative": search.relative},
+                           "fixed_cost": {m: _plain(v) for m, v in prob.fixed.items()},
                            "method": "exact" if result.optuna is None else "optuna"}
-    if arch is not None:
-        out["arch"] = arch(dict(zip(out["blocks"], out["candidates"], strict=True)))
+    if prob.teacher:
+        out["teacher"] = {m: _plain(v) for m, v in prob.teacher.items()}
+    if prob.fingerprint:
+        out["costs_fingerprint"] = prob.fingerprint
+    if prob.arch is not None:
+        out["arch"] = prob.arch(dict(zip(out["blocks"], out["candidates"], strict=True)))
     out["top_k"] = [describe(a) for a in result.top]
     if result.optuna is not None:
         out["exact"] = describe(result.exact)
@@ -727,7 +793,8 @@ def write_outputs(out_dir: Path, result: Result, content: Mapping[str, Any]) -> 
     writers = {
         "architecture.json": lambda p: p.write_text(json.dumps(content, indent=2) + "\n"),
         "pareto.csv": lambda p: write_front(p, result.front, result.tables),
-        "pareto.png": lambda p: plot_front(p, result.front, result.chosen, result.metric, result.budget,
+        "pareto.png": lambda p: plot_front(p, result.front, result.chosen, result.problem.metric,
+                                           result.problem.budget,
                                            None if result.optuna is None else result.optuna.history),
     }
     paths = []

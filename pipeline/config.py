@@ -7,7 +7,8 @@ so a wrong key, type or value fails before any computation with a message naming
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,6 @@ class Cell:
 
 @dataclass
 class BlockSpace:
-    index: int = -1  # position in the teacher split; must match the key (dvc.yaml names block_<index>.csv by it)
     width: int = 0  # student channels at the block output (multiple of 8)
     cells: list[Cell] = field(default_factory=lambda: [Cell()])
     lr: float = 0.0  # 0 = supernet.lr
@@ -143,10 +143,69 @@ class Score:
 
 
 @dataclass
+class Costs:
+    """The ``costs`` stage: every candidate's counted and measured costs on a named target (``pipeline.costs``)."""
+
+    backend: str = "torch"  # torch | onnxruntime (CPU execution provider)
+    device: str = "cpu"  # the target: cpu | cuda | cuda:N | auto (cuda when present)
+    threads: int = 1  # intra-op threads while timing; 0 = one per core
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 256])  # one latency_b<N> metric each
+    warmup: int = 2  # untimed rounds first
+    repeats: int = 30  # timed rounds (each module once per round and batch size, shuffled); the median is kept
+    calibrate: int = 5  # whole random students timed with the tables: measured / summed scales them; 0 = raw sums
+    tolerance: float = 0.1  # relative error a measured cost may have against a built model
+    out_dir: str = "artifacts/costs"
+    accept_fingerprint: str = ""  # id of a table measured on another machine to use anyway ("" = none)
+
+
+# The cost metric registry (pipeline.costs measures them). Here, not there: validating search.metric must not make
+# every stage import the timing code.
+COUNTED_METRICS = {"params": "parameters", "flops": "multiply-accumulates"}  # pipeline.space.Cost's fields
+LATENCY_METRIC = re.compile(r"^latency_b(?P<batch>[1-9][0-9]*)$")  # milliseconds at batch size N
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A cost metric: counted ones are exact, measured ones hold within ``tolerance`` (relative) of a built model."""
+
+    name: str
+    exact: bool
+    unit: str
+    batch: int = 0  # measured: the batch size timed
+    tolerance: float = 0.0
+
+    @property
+    def measured(self) -> bool:
+        return not self.exact
+
+
+def metric_registry(batch_sizes: Iterable[int], tolerance: float = 0.0) -> dict[str, Metric]:
+    """The counted metrics, and ``latency_b<N>`` for each batch size N."""
+    out = {name: Metric(name, exact=True, unit=unit) for name, unit in COUNTED_METRICS.items()}
+    for batch in batch_sizes:
+        name = f"latency_b{int(batch)}"
+        out[name] = Metric(name, exact=False, unit="ms", batch=int(batch), tolerance=tolerance)
+    return out
+
+
+def check_metric(name: str, cfg: Costs, key: str = "search.metric") -> Metric:
+    """The metric called ``name``; anything unregistered is a ConfigError naming ``key`` and the registered names."""
+    registered = metric_registry(cfg.batch_sizes, cfg.tolerance)
+    if name in registered:
+        return registered[name]
+    match = LATENCY_METRIC.match(name)
+    hint = (f"batch {match['batch']} is not measured: add it to costs.batch_sizes={list(cfg.batch_sizes)}"
+            if match else f"choose one of {', '.join(registered)} (latency_b<N> for each N in costs.batch_sizes)")
+    raise ConfigError(f"params key '{key}' = {name!r} is not a registered cost metric: {hint}")
+
+
+@dataclass
 class Search:
     method: str = "exact"  # exact | optuna
-    metric: str = "params"  # params | flops
+    metric: str = "params"  # a registered cost metric (pipeline.costs): params | flops | latency_b<N>
     budget: float = 650000
+    limits: dict[str, float] = field(default_factory=dict)  # more ceilings: metric -> limit (same units as budget)
+    relative: bool = False  # budget and limits as fractions of the teacher's cost (the costs stage measures it)
     fixed_cost: float | None = None  # None = computed from the search space
     top_k: int = 1
     scores_dir: str = "artifacts/scores"
@@ -212,6 +271,7 @@ class Params:
     space: Space = field(default_factory=Space)
     supernet: Supernet = field(default_factory=Supernet)
     score: Score = field(default_factory=Score)
+    costs: Costs = field(default_factory=Costs)
     search: Search = field(default_factory=Search)
     retrain: Retrain = field(default_factory=Retrain)
     report: Report = field(default_factory=Report)
@@ -313,7 +373,6 @@ def _check(p: Params) -> None:
     _require(p.cache.batch_size > 0, "cache.batch_size", p.cache.batch_size, "must be > 0")
     _require(p.cache.chunk_size > 0, "cache.chunk_size", p.cache.chunk_size, "must be > 0")
     _require(p.search.method in ("exact", "optuna"), "search.method", p.search.method, "exact or optuna")
-    _require(p.search.metric in ("params", "flops"), "search.metric", p.search.metric, "params or flops")
     _require(p.search.sampler in ("tpe", "nsga2"), "search.sampler", p.search.sampler, "tpe or nsga2")
     _require(p.search.top_k >= 1, "search.top_k", p.search.top_k, "must be >= 1")
     _require(p.search.budget >= 0, "search.budget", p.search.budget, "must be >= 0 (0 = no budget)")
@@ -321,6 +380,8 @@ def _check(p: Params) -> None:
              "null (from the search space) or a cost >= 0")
     _require(p.search.trials >= 1, "search.trials", p.search.trials, "must be >= 1")
     _check_search_space(p)
+    _check_costs(p.costs)
+    _check_search_metrics(p)
     _check_retrain(p)
     _check_validate(p)
 
@@ -344,6 +405,32 @@ def _check_search_space(p: Params) -> None:
     _require(s.val_paths > 0, "supernet.val_paths", s.val_paths, "must be > 0")
     for key in ("batches", "batch_size", "bn_batch_size"):
         _require(getattr(c, key) > 0, f"score.{key}", getattr(c, key), "must be > 0")
+
+
+def _check_costs(c: Costs) -> None:
+    _require(c.backend in ("torch", "onnxruntime"), "costs.backend", c.backend, "torch or onnxruntime")
+    _require(c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:"), "costs.device", c.device,
+             f"use {DEVICES_HINT}")
+    _require(c.backend == "torch" or c.device == "cpu", "costs.device", c.device,
+             "costs.backend=onnxruntime times on the CPU: set costs.device=cpu")
+    _require(c.threads >= 0, "costs.threads", c.threads, "must be >= 0 (0 = all cores)")
+    _require(bool(c.batch_sizes) and min(c.batch_sizes) >= 1 and len(set(c.batch_sizes)) == len(c.batch_sizes),
+             "costs.batch_sizes", list(c.batch_sizes), "a non-empty list of distinct batch sizes >= 1")
+    _require(c.warmup >= 0, "costs.warmup", c.warmup, "must be >= 0")
+    _require(c.repeats >= 1, "costs.repeats", c.repeats, "must be >= 1")
+    _require(c.calibrate >= 0, "costs.calibrate", c.calibrate, "must be >= 0 (0 = the plain sums)")
+    _require(0 < c.tolerance < 1, "costs.tolerance", c.tolerance, "must be in (0, 1), e.g. 0.1 = within 10%")
+    _require(bool(c.out_dir), "costs.out_dir", c.out_dir, "a folder, e.g. artifacts/costs")
+
+
+def _check_search_metrics(p: Params) -> None:
+    s = p.search
+    check_metric(s.metric, p.costs)
+    for name, limit in s.limits.items():
+        check_metric(name, p.costs, key=f"search.limits.{name}")
+        _require(limit == limit and limit > 0, f"search.limits.{name}", limit, "a ceiling > 0 in the metric's units")
+    _require(not s.relative or s.fixed_cost is None, "search.relative", s.relative,
+             "relative budgets need the teacher's cost from the costs stage: set search.fixed_cost=null")
 
 
 def _check_retrain(p: Params) -> None:

@@ -4,7 +4,7 @@ On a CUDA machine, three smoke workspaces under DIR (default ``.gpu-check``; ``p
 params.yaml + configs/smoke.yaml + overrides) run the whole DAG: ``cpu``, ``cuda`` (amp off) and ``cuda-amp``
 (bfloat16, or float16 with a GradScaler on GPUs without bfloat16); the CPU run goes alongside the CUDA ones. Then
 supernet block b0 is retrained in ``cuda`` by a 1-GPU ``torchrun`` (DDP over NCCL), the pinned, prefetched feature
-batches on the GPU are compared with the CPU reader's, the score tables (``artifacts/scores/block_<i>.csv``) of both
+batches on the GPU are compared with the CPU reader's, the score tables (``artifacts/scores/<block>.csv``) of both
 CUDA runs are compared with the CPU run's (Kendall tau per block) and images/s per stage are read from the plots
 and metrics the stages write. About 3-4 minutes on one GPU.
 
@@ -88,7 +88,7 @@ def dry_run(roots: Mapping[str, Path]) -> dict[str, list[str]]:
 def score_taus(reference: Path, other: Path) -> dict[str, float]:
     """Kendall tau per block between two workspaces' score tables, candidates matched by id."""
     taus = {}
-    for path in sorted((reference / SCORES).glob("block_*.csv")):
+    for path in sorted((reference / SCORES).glob("*.csv")):
         a, b = _scores(path), _scores(other / SCORES / path.name)
         if set(a) != set(b):
             raise RuntimeError(f"{path.name}: the two runs rated different candidates")

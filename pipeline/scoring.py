@@ -162,10 +162,8 @@ def score_rows(block: BlockSpec, errors: Errors) -> list[dict[str, float | str]]
     """The table contract: candidate, score (relative L1), mse, params, flops; in candidate order."""
     rows = []
     for cid in block.candidates():
-        cost = candidate_cost(block, cid)
         e = errors[cid]
-        rows.append({"candidate": cid, "score": float(e[0].mean()), "mse": float(e[1].mean()),
-                     "params": cost.params, "flops": cost.flops})
+        rows.append({"candidate": cid, "score": float(e[0].mean()), "mse": float(e[1].mean())})
     return rows
 
 
@@ -179,18 +177,18 @@ def summary(rows: Sequence[Mapping[str, float | str]], trivial: np.ndarray, tau:
             "run/candidates_per_s": rated / seconds if seconds > 0 else float("nan")}
 
 
-def plot_scores(block: str, rows: Sequence[Mapping[str, float | str]], trivial: float):
-    """Histogram of scores and score vs params, with the input-blind baseline marked."""
+def plot_scores(block: BlockSpec, rows: Sequence[Mapping[str, float | str]], trivial: float):
+    """Histogram of scores and score vs params (counted from the space), with the input-blind baseline marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scores = np.array([float(r["score"]) for r in rows])
-    params = np.array([float(r["params"]) for r in rows])
+    params = np.array([float(candidate_cost(block, str(r["candidate"])).params) for r in rows])
     fig, (hist, scatter) = plt.subplots(1, 2, figsize=(10, 4))
     hist.hist(scores, bins=min(50, max(5, len(scores) // 5)))
-    hist.set(xlabel="relative L1 score", ylabel="candidates", title=f"block {block}: {len(scores)} candidates")
+    hist.set(xlabel="relative L1 score", ylabel="candidates", title=f"block {block.name}: {len(scores)} candidates")
     scatter.scatter(params / 1e3, scores, s=6)
     scatter.set(xlabel="params (K, student widths)", ylabel="relative L1 score", title="score vs params")
     for ax in (hist, scatter):

@@ -243,9 +243,6 @@ def check_space(space: Space, num_blocks: int) -> None:
                           f"(teacher.boundaries) has {num_blocks} blocks: use exactly {expected}")
     for name, block in space.blocks.items():
         key = f"space.blocks.{name}"
-        if block.index != int(name[1:]):
-            raise ConfigError(f"params key '{key}.index' = {block.index} is invalid: must be {int(name[1:])} "
-                              f"(dvc.yaml names the score table artifacts/scores/block_<index>.csv)")
         _check_width(f"{key}.width", block.width)
         if block.lr < 0:
             raise ConfigError(f"params key '{key}.lr' = {block.lr} is invalid: 0 (= supernet.lr) or a positive lr")

@@ -28,6 +28,7 @@ from timm.models.efficientnet import EfficientNet
 
 from pipeline import space
 from pipeline.checkpoint import ArtifactError, read_json
+from pipeline.config import Search
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -123,27 +124,40 @@ def create(args: Mapping[str, Any], meta: Mapping[str, Any], drop_rate: float = 
 
 # ---------------------------------------------------------------------------------------------------- cost, budget
 def check_cost(model: torch.nn.Module, architecture: Mapping[str, Any], input_shape: tuple[int, ...],
-               metric: str, budget: float, source: str = ARCHITECTURE) -> space.Cost:
-    """Count the built student; it must cost what the assembly predicted and fit ``search.budget``.
+               search: Search, source: str = ARCHITECTURE) -> space.Cost:
+    """Count the built student; it must cost what the assembly predicted and fit the budget and limits.
 
-    ``budget`` is ``search.budget`` (0 = none). An architecture searched under another budget or metric is
-    stale; one whose counted cost exceeds the budget (e.g. the fixed stem/head alone cost more) cannot be
-    retrained as configured. All fail before training.
+    An architecture searched under other ``search`` params (metric, budget, limits, relative) is stale; one whose
+    counted cost exceeds a ceiling (e.g. the fixed stem/head alone cost more) cannot be retrained as configured.
+    Counted metrics are checked exactly here; measured ones (latency) are the report's, within costs.tolerance.
+    All fail before training.
     """
     cost = space.module_cost(model, input_shape)
-    searched = (architecture.get("metric"), architecture.get("budget") or 0)
-    if "metric" in architecture and searched != (metric, budget or 0):
-        raise StudentError(f"{source} was searched for {searched[0]} budget {searched[1] or 'none'} but params.yaml "
-                           f"has search.metric={metric}, search.budget={budget or 0}: rebuild it with `{ASSEMBLE}`")
+    wanted = {"metric": search.metric, "budget": search.budget, "limits": dict(search.limits),
+              "relative": search.relative}
+    searched = architecture.get("search")
+    if searched is not None and searched != wanted:
+        raise StudentError(f"{source} was searched for {_ceilings(searched)} but params.yaml has "
+                           f"{_ceilings(wanted)}: rebuild it with `{ASSEMBLE}`")
     predicted = {m: architecture.get(m) for m in ("params", "flops")}
     if "arch" in architecture and predicted != {"params": cost.params, "flops": cost.flops}:
         raise StudentError(f"the student built from {source} has {cost.params} params and {cost.flops} FLOPs, the "
                            f"assembly predicted {predicted['params']} and {predicted['flops']}: the search space "
                            f"changed since; rebuild it with `{ASSEMBLE}`")
-    if budget and cost.metric(metric) > budget:
-        raise StudentError(f"the student costs {cost.metric(metric):g} {metric}, over search.budget={budget:g}: raise "
-                           f"search.budget or shrink the fixed parts (space.stem, space.head), then `{ASSEMBLE}`")
+    budget = architecture.get("budget") if search.relative else search.budget  # absolute, as searched
+    ceilings = {**(architecture.get("limits") or {}), **({search.metric: budget} if budget else {})}
+    for metric, ceiling in ceilings.items():
+        if metric in ("params", "flops") and cost.metric(metric) > ceiling:
+            raise StudentError(f"the student costs {cost.metric(metric):g} {metric}, over its ceiling {ceiling:g} "
+                               f"(search.budget / search.limits): raise it or shrink the fixed parts (space.stem, "
+                               f"space.head), then `{ASSEMBLE}`")
     return cost
+
+
+def _ceilings(search: Mapping[str, Any]) -> str:
+    limits = "".join(f", {m} <= {v:g}" for m, v in (search.get("limits") or {}).items())
+    relative = " (x the teacher's)" if search.get("relative") else ""
+    return f"{search.get('metric')} budget {search.get('budget') or 'none'}{limits}{relative}"
 
 
 @dataclass(frozen=True)
@@ -157,7 +171,7 @@ class Built:
     cost: space.Cost
 
 
-def from_architecture(path: Path | str, spec: space.SpaceSpec, meta: Mapping[str, Any], metric: str, budget: float,
+def from_architecture(path: Path | str, spec: space.SpaceSpec, meta: Mapping[str, Any], search: Search,
                       drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> Built:
     """``architecture.json`` -> the timm student, checked against the space, the predicted cost and the budget."""
     architecture = read_architecture(path)
@@ -166,7 +180,7 @@ def from_architecture(path: Path | str, spec: space.SpaceSpec, meta: Mapping[str
     check_arch(architecture, args, str(path))
     model = create(args, meta, drop_rate, drop_path_rate)
     shape = (int(meta["in_chans"]), int(meta["image_size"]), int(meta["image_size"]))
-    return Built(model, architecture, choice, args, check_cost(model, architecture, shape, metric, budget, str(path)))
+    return Built(model, architecture, choice, args, check_cost(model, architecture, shape, search, str(path)))
 
 
 # ---------------------------------------------------------------------------------------------------- export

@@ -42,7 +42,7 @@ def run(params: Params) -> dict[str, float]:
     meta = load_meta(root / PREPARED)
     spec = build_space(params.space, load_teacher_split(root / TEACHER_SPLIT))
     runtime.seed_everything(params.seed)
-    built = student.from_architecture(root / params.search.out_dir / student.ARCHITECTURE, spec, meta, params.search.metric, params.search.budget,
+    built = student.from_architecture(root / params.search.out_dir / student.ARCHITECTURE, spec, meta, params.search,
                                       cfg.drop_rate, cfg.drop_path)  # every check runs before any training
     splits = {s: load_split(root / PREPARED, s) for s in ("train", "val", "test")}
     runtime.init_distributed()

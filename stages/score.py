@@ -2,8 +2,8 @@
 
     python stages/score.py block=b1 [key=value ...]
 
-Writes ``search.scores_dir``/block_<index>.csv (candidate, score, mse, params, flops: the table the assembly reads)
-and metrics/score/<block>.json. Finished groups of candidates are kept in block_<index>.resume.pt beside it
+Writes ``search.scores_dir``/<block>.csv (candidate, score, mse: the table the assembly reads; costs come from the
+``costs`` stage) and metrics/score/<block>.json. Finished groups of candidates are kept in <block>.resume.pt beside it
 while the stage runs, so a killed run does not rate them again.
 """
 
@@ -56,7 +56,7 @@ def run(params: Params, block: str) -> dict[str, float]:
                               params.runtime.channels_last)
     # DNA ranking lesson: a block must beat a predictor that ignores its input (the per-element train mean)
     trivial = constant_errors(feature_moments(cache, "train", target_key)["element_mean"].to(device), rating)
-    table = root / params.search.scores_dir / f"block_{spec.index}.csv"
+    table = root / params.search.scores_dir / f"{block}.csv"
     partial = table.with_name(f"{table.stem}.resume.pt")
     key = partial_key(weights, as_dict(params.score), params.seed)
     tracked = {"space": as_dict(params.space), "score": as_dict(params.score), "seed": params.seed}
@@ -66,7 +66,7 @@ def run(params: Params, block: str) -> dict[str, float]:
         stats = summary(rows, trivial, split_half_tau(errors), rated, seconds)
         write_table(table, rows)
         tracking.log_metrics({f"score/{k}": v for k, v in stats.items()})
-        _log_figure(plot_scores(block, rows, stats["score_trivial"]), f"scores_{block}.png")
+        _log_figure(plot_scores(spec, rows, stats["score_trivial"]), f"scores_{block}.png")
     write_metrics(root / METRICS_DIR / f"{block}.json", stats)
     partial.unlink(missing_ok=True)
     log.info("block %s: %d candidates, score best %.4f median %.4f worst %.4f (input-blind %.4f), "

@@ -21,11 +21,12 @@ log = logging.getLogger("stages.validate_sample")
 
 def run(params: Params) -> list[validation.Sampled]:
     root, s, v = repo_root(), params.search, params.validate
-    tables, fixed, _ = assembly.link_space(params, assembly.read_tables(root / s.scores_dir), root)
+    prob = assembly.problem(params, assembly.read_tables(root / s.scores_dir), root)
+    tables, fixed = prob.tables, prob.fixed
     searched = student.read_architecture(root / s.out_dir / student.ARCHITECTURE)
-    sampled = validation.draw(tables, fixed, s.metric, s.budget or None, searched["candidates"], v.stratified,
+    sampled = validation.draw(tables, fixed, s.metric, prob.budget, searched["candidates"], v.stratified,
                               v.random, v.window, params.seed)
-    validation.write_json(root / OUT / "archs.json", {"metric": s.metric, "budget": s.budget,
+    validation.write_json(root / OUT / "archs.json", {"metric": s.metric, "budget": prob.budget,
                                                       "architectures": [a.as_json() for a in sampled]})
     for a in sampled:
         log.info("%-9s %-10s params %9.0f  flops %11.0f  score %.4f  %s", a.name, a.kind, a.params, a.flops, a.score,

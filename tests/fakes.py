@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import assembly, space
+from pipeline import assembly, costs, space
 from pipeline.config import Params, Teacher, as_dict, validate
 from pipeline.data import Split
 from pipeline.features import FeatureCache, write_features
@@ -39,9 +39,9 @@ TINY = {
     "teacher": {"boundaries": [1, 2, 3]},
     "runtime": {"progress": False, "channels_last": True, "threads": 1},
     "space": {"ops": ["k3e3", "k5e6"], "stem": 8, "head": 32,
-              "blocks": {"b0": {"index": 0, "width": 8, "cells": [{"layers": 2}]},
-                         "b1": {"index": 1, "width": 16, "cells": [{"layers": 3, "width": 8}, {"layers": 1}]},
-                         "b2": {"index": 2, "width": 16, "cells": [{"layers": 2}]}}},
+              "blocks": {"b0": {"width": 8, "cells": [{"layers": 2}]},
+                         "b1": {"width": 16, "cells": [{"layers": 3, "width": 8}, {"layers": 1}]},
+                         "b2": {"width": 16, "cells": [{"layers": 2}]}}},
     "supernet": {"epochs": 2, "batch_size": 16, "val_samples": 32, "val_paths": 2},
     "score": {"batches": 4, "batch_size": 16, "bn_batch_size": 16},
 }
@@ -186,23 +186,33 @@ def write_teacher(out: Path) -> dict:
 
 
 def write_scores(out: Path, spec: space.SpaceSpec, seed: int = 0) -> None:
-    """One table per block: every candidate, a score that favours bigger ones, its cost from the space."""
+    """One score table per block, as the score stage writes it: every candidate, a score that favours bigger ones."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     for block in spec.blocks:
-        with open(out / f"block_{block.index}.csv", "w", newline="") as f:
+        with open(out / f"{block.name}.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(assembly.COLUMNS)
+            writer.writerow(["candidate", "score", "mse"])
             for cid in block.candidates():
-                cost = space.candidate_cost(block, cid)
-                writer.writerow([cid, 1.0 / (1 + cost.params / 1000) + rng.normal(0, 0.01), cost.params, cost.flops])
+                score = 1.0 / (1 + space.candidate_cost(block, cid).params / 1000) + rng.normal(0, 0.01)
+                writer.writerow([cid, score, score / 2])
+
+
+def write_counted_costs(out: Path, spec: space.SpaceSpec) -> None:
+    """The costs stage's folder with the counted metrics only (params, FLOPs): nothing timed, seconds to build."""
+    blocks = {b.name: {cid: {"params": float(c.params), "flops": float(c.flops)}
+                       for cid in b.candidates() for c in [space.candidate_cost(b, cid)]} for b in spec.blocks}
+    fixed = space.fixed_parts_cost(spec)
+    tables = costs.CostTables(["params", "flops"], blocks, {"params": float(fixed.params), "flops": float(fixed.flops)},
+                              {}, {"batch_sizes": [], "id": "counted"})
+    costs.write_costs(out, spec, tables)
 
 
 def assemble(root: Path, params: Params) -> dict:
     """The assemble stage's architecture.json and pareto.csv (its figure and MLflow run left out: seconds here)."""
-    tables, fixed, arch = assembly.link_space(params, assembly.read_tables(root / params.search.scores_dir), root)
-    result = assembly.assemble(tables, params.search, fixed)
-    content = assembly.summary(result, arch)
+    result = assembly.assemble(assembly.problem(params, assembly.read_tables(root / params.search.scores_dir), root),
+                               params.search)
+    content = assembly.summary(result, params.search)
     out = root / params.search.out_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "architecture.json").write_text(json.dumps(content, indent=2))
@@ -215,7 +225,8 @@ def params_at(root: Path) -> Params:
 
 
 def make_student_root(root: Path, overrides: Sequence[str] = (), budget_fraction: float = 0.6) -> Path:
-    """params.yaml, data/prepared, artifacts/teacher, artifacts/scores, artifacts/search (budget between the cheapest
+    """params.yaml, data/prepared, artifacts/teacher, artifacts/scores, artifacts/costs (counted), artifacts/search
+    (budget between the cheapest
     and the largest architecture), metrics/teacher.json and plots/teacher.csv."""
     root.mkdir(parents=True, exist_ok=True)
     write_prepared(root / "data/prepared")
@@ -224,7 +235,8 @@ def make_student_root(root: Path, overrides: Sequence[str] = (), budget_fraction
     params = params_at(root)
     spec = space.build_space(params.space, split)
     write_scores(root / params.search.scores_dir, spec)
-    tables = assembly.read_tables(root / params.search.scores_dir)
+    write_counted_costs(root / params.costs.out_dir, spec)
+    tables = assembly.problem(params, assembly.read_tables(root / params.search.scores_dir), root).tables
     fixed = space.fixed_parts_cost(spec).params
     exact = assembly.ExactSearch([t.params for t in tables], [t.score for t in tables], fixed)
     budget = int(exact.cheapest + budget_fraction * (exact.front().cost[-1] - exact.cheapest))

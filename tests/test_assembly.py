@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pipeline import assembly, cli, tracking
 from pipeline.assembly import AssemblyError, ExactSearch, optuna_search, read_tables, synthetic_tables
 from pipeline.config import ConfigError, load_params
-from tests.fakes import REPO
+from tests.fakes import REPO, write_counted_costs
 
 # ---------------------------------------------------------------------------------------------- brute force
 
@@ -285,23 +285,25 @@ def write_table(path: Path, rows, header=("candidate", "score", "params", "flops
 def write_tables(folder: Path, tables) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, t in enumerate(tables):
-        write_table(folder / f"block_{i}.csv",
+        write_table(folder / f"b{i}.csv",
                     [(c, repr(float(s)), int(p), int(f)) for c, s, p, f in
                      zip(t.candidates, t.score, t.params, t.flops, strict=True)])
     return folder
 
 
-def test_tables_read_in_file_name_order(tmp_path):
+def test_tables_read_in_natural_file_name_order(tmp_path):
     for i in (10, 2, 1):
-        write_table(tmp_path / f"block_{i}.csv", [(f"c{i}", 0.5, i, 2 * i)])
-    write_table(tmp_path / "other.csv", [("x", 1, 1, 1)])
+        write_table(tmp_path / f"b{i}.csv", [(f"c{i}", 0.5, i, 2 * i)])
+    (tmp_path / "b1.resume.pt").write_bytes(b"")  # the score stage's partial results: not a table
     tables = read_tables(tmp_path)
-    assert [t.name for t in tables] == ["block_1", "block_2", "block_10"]
+    assert [t.name for t in tables] == ["b1", "b2", "b10"]
     assert tables[2].candidates == ("c10",) and tables[2].flops.tolist() == [20.0]
+    with pytest.raises(AssemblyError, match=r"b1.csv has no cost 'latency_b1' \(it has params, flops\)"):
+        tables[0].cost("latency_b1")
 
 
 @pytest.mark.parametrize("rows, header, words", [
-    ([("a", 0.1, 1)], ("candidate", "score", "params"), ["line 1", "missing column(s) flops"]),
+    ([("a", 1)], ("candidate", "params"), ["line 1", "missing column(s) score"]),
     ([("a", 0.1, 1, 2), ("b", "abc", 1, 2)], None, ["line 3", "score = 'abc'", "not a finite number"]),
     ([("a", 0.1, 1, 2), ("b", 0.2, "nan", 2)], None, ["line 3", "params = 'nan'"]),
     ([("a", 0.1, 1, 2), ("b", 0.2, 1, "")], None, ["line 3", "flops = ''"]),
@@ -313,8 +315,8 @@ def test_tables_read_in_file_name_order(tmp_path):
     ([], None, ["no candidate rows (empty block)"]),
 ])
 def test_malformed_table_names_file_and_line(tmp_path, rows, header, words):
-    write_table(tmp_path / "block_0.csv", [("ok", 0.1, 1, 2)])
-    bad = write_table(tmp_path / "block_1.csv", rows, header or ("candidate", "score", "params", "flops"))
+    write_table(tmp_path / "b0.csv", [("ok", 0.1, 1, 2)])
+    bad = write_table(tmp_path / "b1.csv", rows, header or ("candidate", "score", "params", "flops"))
     with pytest.raises(AssemblyError) as err:
         read_tables(tmp_path)
     message = str(err.value)
@@ -324,11 +326,11 @@ def test_malformed_table_names_file_and_line(tmp_path, rows, header, words):
 
 
 def test_empty_file_and_missing_tables(tmp_path):
-    (tmp_path / "block_0.csv").write_text("")
-    with pytest.raises(AssemblyError, match="block_0.csv is empty"):
+    (tmp_path / "b0.csv").write_text("")
+    with pytest.raises(AssemblyError, match="b0.csv is empty"):
         read_tables(tmp_path)
-    (tmp_path / "block_0.csv").unlink()
-    with pytest.raises(AssemblyError, match=r"holds no block_\*.csv score tables: build them with `dvc repro score`"):
+    (tmp_path / "b0.csv").unlink()
+    with pytest.raises(AssemblyError, match=r"holds no \*.csv score tables: build them with `dvc repro score`"):
         read_tables(tmp_path)
     with pytest.raises(AssemblyError, match="does not exist"):
         read_tables(tmp_path / "nowhere")
@@ -429,8 +431,13 @@ def test_trials_are_logged_as_steps_of_the_active_run(default_shaped, mlflow_uri
 
 @pytest.fixture
 def stage_root(repo_copy, mlflow_uri, monkeypatch):
-    """A scratch repository root with the default-shaped tables in artifacts/scores."""
+    """A scratch repository root with the default-shaped tables in artifacts/scores, the counted costs of the
+    default space in artifacts/costs."""
+    from pipeline import space
+
     write_tables(repo_copy / "artifacts" / "scores", synthetic_tables(seed=0))
+    spec = space.build_space(load_params([], root=repo_copy).space, teacher_split())
+    write_counted_costs(repo_copy / "artifacts" / "costs", spec)
     monkeypatch.chdir(repo_copy)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     return repo_copy
@@ -461,7 +468,7 @@ def test_standalone_contract_and_infeasible_budget(stage_root, mlflow_uri, tmp_p
     assert arch["flops"] == sum(t.flops[r] for t, r in zip(tables, rows, strict=True))
     with open(out / "pareto.csv") as f:
         front = list(csv.DictReader(f))
-    assert list(front[0]) == ["cost", "score", "block_0", "block_1", "block_2", "block_3"]
+    assert list(front[0]) == ["cost", "score", "b0", "b1", "b2", "b3"]
     assert [float(r["cost"]) for r in front] == sorted(float(r["cost"]) for r in front)
     assert any(float(r["cost"]) == arch["params"] and float(r["score"]) == arch["score"] for r in front)
     assert (out / "pareto.png").stat().st_size > 10_000
@@ -524,9 +531,9 @@ def test_pipeline_mode_rejects_foreign_tables(stage_root, tmp_path):
 
     (stage_root / "artifacts" / "teacher").mkdir(parents=True)
     (stage_root / "artifacts" / "teacher" / "blocks.json").write_text(json.dumps(teacher_split()))
-    table = stage_root / "artifacts" / "scores" / "block_2.csv"
+    table = stage_root / "artifacts" / "scores" / "b2.csv"
     table.write_text(table.read_text().replace("k3e3-k3e3-k3e3,", "k9e9-k3e3-k3e3,"))
-    with pytest.raises(AssemblyError, match=r"block_2.csv: 'k9e9-k3e3-k3e3' is not a candidate of block b2"):
+    with pytest.raises(AssemblyError, match=r"b2.csv: 'k9e9-k3e3-k3e3' is not a candidate of block b2"):
         stage.run(load_params([], root=stage_root))
     shutil.rmtree(stage_root / "artifacts" / "teacher")
     with pytest.raises(Exception, match="dvc repro teacher"):

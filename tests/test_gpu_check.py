@@ -41,9 +41,9 @@ def test_a_bad_override_fails_in_one_line(tmp_path: Path, capsys: pytest.Capture
 
 
 def _table(root: Path, block: int, scores: dict[str, float]) -> None:
-    path = root / gpu_check.SCORES / f"block_{block}.csv"
+    path = root / gpu_check.SCORES / f"b{block}.csv"
     for cid, score in scores.items():
-        append_row(path, {"candidate": cid, "score": score, "mse": 0.0, "params": 1, "flops": 1})
+        append_row(path, {"candidate": cid, "score": score, "mse": 0.0})
 
 
 def test_score_taus_match_candidates_by_id(tmp_path: Path) -> None:
@@ -52,9 +52,9 @@ def test_score_taus_match_candidates_by_id(tmp_path: Path) -> None:
     _table(gpu, 0, {"c": 0.31, "a": 0.11, "b": 0.19})  # same ranking, another order
     _table(cpu, 1, {"a": 0.1, "b": 0.2, "c": 0.3})
     _table(gpu, 1, {"a": 0.3, "b": 0.2, "c": 0.1})
-    assert gpu_check.score_taus(cpu, gpu) == pytest.approx({"block_0": 1.0, "block_1": -1.0})
+    assert gpu_check.score_taus(cpu, gpu) == pytest.approx({"b0": 1.0, "b1": -1.0})
     _table(gpu, 1, {"d": 0.4})
-    with pytest.raises(RuntimeError, match="block_1.csv"):
+    with pytest.raises(RuntimeError, match="b1.csv"):
         gpu_check.score_taus(cpu, gpu)
 
 

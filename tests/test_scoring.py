@@ -13,7 +13,7 @@ import torch
 from pipeline import checkpoint, scoring
 from pipeline.config import load_params
 from pipeline.features import FeatureCache
-from pipeline.space import build_space, candidate_cost
+from pipeline.space import build_space
 from pipeline.supernet import BlockData, SupernetBlock, checkpoint_path, feature_keys
 from tests.fakes import (
     BLOCKS,
@@ -95,7 +95,7 @@ def test_killed_scoring_resumes_without_rerating(tmp_path: Path, caplog: pytest.
     net = _random_supernet("b1", 0, [])
     rating = _random_rating("b1", net.block.out_chs, 0)
     full = scoring.score_naive(net, rating, net.block.candidates())
-    partial = tmp_path / "block_1.resume.pt"
+    partial = tmp_path / "b1.resume.pt"
     original, groups = scoring.score_prefix, []
 
     def killed_after_first_group(*args, on_group, **kwargs):
@@ -132,18 +132,16 @@ def test_score_stage_writes_the_table_contract(block_root: Path, tmp_path: Path,
         load_stage("score").run(params, block="b1")
     load_stage("supernet").run(params, block="b1")
     stats = load_stage("score").run(params, block="b1")
-    table = root / "artifacts/scores/block_1.csv"
+    table = root / "artifacts/scores/b1.csv"
     with table.open() as f:
         rows = list(csv.DictReader(f))
     block = build_space(params.space, teacher_split()).block("b1")
-    assert list(rows[0]) == ["candidate", "score", "mse", "params", "flops"]
+    assert list(rows[0]) == ["candidate", "score", "mse"]  # costs: the costs stage, from the space alone
     assert [r["candidate"] for r in rows] == list(block.candidates())
-    for r in rows:
-        cost = candidate_cost(block, r["candidate"])
-        assert (int(r["params"]), int(r["flops"])) == (cost.params, cost.flops) and float(r["score"]) > 0
+    assert all(float(r["score"]) > 0 and float(r["mse"]) > 0 for r in rows)
     assert stats["candidates"] == 10 and stats["score_best"] <= stats["score_median"] <= stats["score_worst"]
     assert math.isfinite(stats["score_trivial"]) and -1 <= stats["tau_halves"] <= 1
-    assert not (root / "artifacts/scores/block_1.resume.pt").exists()
+    assert not (root / "artifacts/scores/b1.resume.pt").exists()
     assert (root / "metrics/score/b1.json").is_file() and (root / "metrics/supernet/b1.json").is_file()
     # the stage's rating equals the naive reference on the same data
     net = SupernetBlock(block)

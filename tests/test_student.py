@@ -16,8 +16,17 @@ from timm.models.efficientnet import EfficientNet
 
 from pipeline import space, student
 from pipeline.checkpoint import ArtifactError
-from pipeline.config import load_params
-from tests.fakes import EVERY_OP, REPO, resnet18_split, rotating_choice, teacher_split, tiny_params, write_scores
+from pipeline.config import Search, load_params
+from tests.fakes import (
+    EVERY_OP,
+    REPO,
+    resnet18_split,
+    rotating_choice,
+    teacher_split,
+    tiny_params,
+    write_counted_costs,
+    write_scores,
+)
 
 META = {"num_classes": 10, "in_chans": 1, "image_size": 16, "mean": [0.3], "std": [0.2],
         "classes": [f"c{i}" for i in range(10)]}
@@ -32,8 +41,9 @@ def _assemble(tmp_path: Path, overrides: list[str], split: dict) -> tuple[dict, 
     (tmp_path / "artifacts/teacher/blocks.json").write_text(json.dumps(split))
     spec = space.build_space(params.space, split)
     write_scores(tmp_path / params.search.scores_dir, spec)
-    tables, fixed, arch = assembly.link_space(params, assembly.read_tables(tmp_path / params.search.scores_dir), tmp_path)
-    return assembly.summary(assembly.assemble(tables, params.search, fixed), arch), spec
+    write_counted_costs(tmp_path / params.costs.out_dir, spec)
+    prob = assembly.problem(params, assembly.read_tables(tmp_path / params.search.scores_dir), tmp_path)
+    return assembly.summary(assembly.assemble(prob, params.search), params.search), spec
 
 
 def _stride1_split() -> dict:
@@ -55,8 +65,7 @@ def test_student_costs_exactly_what_the_assembly_predicted(tmp_path: Path, overr
     params = tiny_params(overrides)
     path = tmp_path / "architecture.json"
     path.write_text(json.dumps(architecture))
-    built = student.from_architecture(path, spec, {**META, "image_size": split["image_size"]}, params.search.metric,
-                                      params.search.budget)
+    built = student.from_architecture(path, spec, {**META, "image_size": split["image_size"]}, params.search)
     model = built.model
     assert isinstance(model, EfficientNet) and len(model.blocks) == len(spec.blocks)
     assert (built.cost.params, built.cost.flops) == (architecture["params"], architecture["flops"])
@@ -122,7 +131,7 @@ def good(tmp_path: Path) -> tuple[dict, space.SpaceSpec]:
     (lambda a: a["candidates"].__setitem__(0, "k3e3"), "'k3e3' is not a candidate of block b0"),
     (lambda a: a["arch"][0].__setitem__(0, "ir_r1_k7_s1_e6_c8_se0.25"), "space params changed"),
     (lambda a: a.update(params=a["params"] + 1), "the assembly predicted"),
-    (lambda a: a.update(budget=999), "searched for params budget 999"),
+    (lambda a: a["search"].update(budget=999), "searched for params budget 999"),
 ])
 def test_architecture_that_does_not_fit_fails_naming_the_fix(tmp_path: Path, good, damage, words: str) -> None:
     architecture, spec = good
@@ -130,21 +139,20 @@ def test_architecture_that_does_not_fit_fails_naming_the_fix(tmp_path: Path, goo
     path = tmp_path / "architecture.json"
     path.write_text(json.dumps(architecture))
     with pytest.raises(student.StudentError, match="dvc repro assemble") as err:
-        student.from_architecture(path, spec, META, "params", 15000)
+        student.from_architecture(path, spec, META, Search(metric="params", budget=15000))
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
 def test_budget_the_real_student_cannot_meet_fails_before_training(tmp_path: Path, good) -> None:
     """Tables searched without the fixed parts (search.fixed_cost=0) fit a budget the built student overshoots."""
     architecture, spec = good
-    for key in ("arch", "fixed_cost"):
+    for key in ("arch", "fixed_cost", "search"):
         architecture.pop(key)
     over = architecture["params"] - 10
-    architecture.update(budget=over)
     path = tmp_path / "architecture.json"
     path.write_text(json.dumps(architecture))
-    with pytest.raises(student.StudentError, match=f"over search.budget={over}: raise search.budget or shrink"):
-        student.from_architecture(path, spec, META, "params", over)
+    with pytest.raises(student.StudentError, match=f"over its ceiling {over} .*: raise it or shrink"):
+        student.from_architecture(path, spec, META, Search(metric="params", budget=over))
 
 
 @pytest.mark.parametrize("content", [None, "{not json", json.dumps({"blocks": ["b0"]})])
