@@ -77,15 +77,30 @@ def summarize(teacher: Mapping[str, float], student: Mapping[str, float], archit
               front_points: int) -> dict[str, Any]:
     """``metrics/summary.json``: both models side by side, the student/teacher ratios, the search result.
 
-    ``teacher`` and ``student`` hold test_acc, val_acc, params, flops and latency_ms_b<batch> entries.
+    ``teacher`` and ``student`` hold test_acc, val_acc, params and flops: results, identical on a rerun (the
+    measured latency is ``latency_summary``'s, in its own file).
     """
     ratio = {"params": student["params"] / teacher["params"], "flops": student["flops"] / teacher["flops"],
              "test_acc_delta": student["test_acc"] - teacher["test_acc"]}
-    ratio.update({f"speedup_{k.removeprefix('latency_ms_')}": teacher[k] / student[k]
-                  for k in teacher if k.startswith("latency_ms_") and k in student})
     search = {"metric": architecture.get("metric"), "budget": architecture.get("budget") or 0,
-              "score": architecture.get("score"), "front_points": front_points}
+              "limits": architecture.get("limits") or {}, "score": architecture.get("score"),
+              "front_points": front_points}
     return {"teacher": dict(teacher), "student": dict(student), "student_vs_teacher": ratio, "search": search}
+
+
+def latency_summary(measured: Mapping[str, Mapping[int, float]], architecture: Mapping[str, Any],
+                    tolerance: float) -> dict[str, Any]:
+    """``metrics/latency.json``: the measured latency of teacher and student (ms), the student / teacher ratio, and
+    the assembly's prediction from the cost tables beside the measurement: within ``costs.tolerance`` or not."""
+    out: dict[str, Any] = {name: {f"latency_b{b}": ms for b, ms in rows.items()} for name, rows in measured.items()}
+    out["student_vs_teacher"] = {k: out["student"][k] / v for k, v in out["teacher"].items()}
+    predicted = {k: float(architecture[k]) for k in out["student"] if k in architecture}
+    if predicted:
+        errors = {k: (v - out["student"][k]) / out["student"][k] for k, v in predicted.items()}
+        out["predicted"] = {"student": predicted, "relative_error": errors, "tolerance": tolerance,
+                            "within_tolerance": all(abs(e) <= tolerance for e in errors.values()),
+                            "fingerprint": architecture.get("costs_fingerprint", "")}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -164,25 +179,35 @@ def _fmt(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def markdown(summary: Mapping[str, Any], architecture: Mapping[str, Any], names: Mapping[str, str],
-             figures: Mapping[str, bool]) -> str:
+def markdown(summary: Mapping[str, Any], latency: Mapping[str, Any], architecture: Mapping[str, Any],
+             names: Mapping[str, str], figures: Mapping[str, bool]) -> str:
     """The report page; figures are linked by relative path, so the folder reads offline as it is."""
-    t, s, r = summary["teacher"], summary["student"], summary["student_vs_teacher"]
-    keys = ["test_acc", "val_acc", "params", "flops", *sorted(k for k in t if k.startswith("latency_ms_"))]
+    t = {**summary["teacher"], **latency["teacher"]}
+    s = {**summary["student"], **latency["student"]}
+    r = summary["student_vs_teacher"]
+    keys = ["test_acc", "val_acc", "params", "flops", *latency["teacher"]]
     lines = ["# DNA report: teacher vs searched student", "",
              f"Teacher `{names['teacher']}`; student `{names['student']}` (timm EfficientNet built from the searched "
-             f"arch strings). FLOPs are multiply-accumulates; latency is the median CPU time of one forward.", "",
+             f"arch strings). FLOPs are multiply-accumulates; latency_b<N> is the median CPU time (ms) of one forward "
+             f"at batch N, both models timed in turns in this run.", "",
              "| | teacher | student | student / teacher |", "|---|---:|---:|---:|"]
-    ratios = {"params": r["params"], "flops": r["flops"], "test_acc": r["test_acc_delta"]}
-    ratios.update({f"latency_ms_{k.removeprefix('speedup_')}": 1 / v for k, v in r.items() if k.startswith("speedup_")})
+    ratios = {"params": r["params"], "flops": r["flops"], "test_acc": r["test_acc_delta"],
+              **latency["student_vs_teacher"]}
     for key in keys:
         rel = ratios.get(key)
         rel_text = "" if rel is None else (f"{rel:+.4f} (delta)" if key == "test_acc" else f"{rel:.3f}")
         lines.append(f"| {key} | {_fmt(t.get(key, ''))} | {_fmt(s.get(key, ''))} | {rel_text} |")
+    if "predicted" in latency:
+        pred = latency["predicted"]
+        lines += ["", "Predicted from the cost tables (fingerprint " + f"`{pred['fingerprint']}`): " + ", ".join(
+            f"{k} {v:.3f} ms ({100 * pred['relative_error'][k]:+.1f}%)" for k, v in pred["student"].items())
+            + f"; tolerance {100 * pred['tolerance']:.0f}%: " + ("met" if pred["within_tolerance"] else "**missed**")]
     search = summary["search"]
+    limits = "".join(f", {m} <= {_fmt(v)}" for m, v in search.get("limits", {}).items())
     lines += ["", "## Searched architecture", "",
               f"Summed block score {_fmt(search['score'])}, {search['metric']} budget "
-              f"{_fmt(search['budget']) if search['budget'] else 'none'}, {search['front_points']} Pareto points.", "",
+              f"{_fmt(search['budget']) if search['budget'] else 'none'}{limits}, {search['front_points']} Pareto "
+              "points.", "",
               "| block | candidate | timm arch strings |", "|---|---|---|"]
     arch = architecture.get("arch") or [[] for _ in architecture.get("candidates", [])]
     blocks = architecture.get("blocks") or [f"b{i}" for i in range(len(arch))]

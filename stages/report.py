@@ -3,13 +3,13 @@
     python stages/report.py [report.latency_repeats=50 ...]
 
 Reads the teacher and student artifacts and metrics, ``search.out_dir`` (architecture.json, pareto.csv) and the
-per-epoch CSVs under plots/. Writes metrics/summary.json (for `dvc metrics show/diff`) and reports/ (report.md with
-PNG figures beside it, readable offline); both are logged to MLflow.
+per-epoch CSVs under plots/. Writes metrics/summary.json (results: accuracy, params, FLOPs), metrics/latency.json
+(measured in this run: teacher and student latency, and the cost tables' prediction beside it) and reports/
+(report.md with PNG figures beside it, readable offline); all are logged to MLflow.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,12 +20,13 @@ import mlflow
 from pipeline import cli, report, student, tracking
 from pipeline.checkpoint import ArtifactError, read_json
 from pipeline.config import Params, as_dict, repo_root
+from pipeline.records import write_metrics
 from pipeline.space import module_cost
 from pipeline.teacher import load_teacher
 
 TEACHER, STUDENT = Path("artifacts/teacher"), Path("artifacts/student")
 METRICS, PLOTS = Path("metrics"), Path("plots")
-SUMMARY, OUT = Path("metrics/summary.json"), Path("reports")
+SUMMARY, LATENCY, OUT = Path("metrics/summary.json"), Path("metrics/latency.json"), Path("reports")
 log = logging.getLogger("stages.report")
 
 
@@ -43,8 +44,12 @@ def run(params: Params) -> dict:
     for name, model in models.items():
         cost = module_cost(model, shape)
         rows[name] = {"test_acc": scores[name]["test/acc"], "val_acc": scores[name]["val/acc"], "params": cost.params,
-                      "flops": cost.flops, **{f"latency_ms_b{b}": ms for b, ms in latency[name].items()}}
+                      "flops": cost.flops}
     summary = report.summarize(rows["teacher"], rows["student"], architecture, len(front.cost))
+    measured = report.latency_summary(latency, architecture, params.costs.tolerance)
+    if not measured.get("predicted", {}).get("within_tolerance", True):
+        log.warning("the student's measured latency is off the cost tables' prediction by more than %.0f%%: %s",
+                    100 * params.costs.tolerance, measured["predicted"]["relative_error"])
     supernet = {p.stem: report.read_rows(p) for p in sorted((root / PLOTS / "supernet").glob("*.csv"))}
     training = {n: report.read_rows(root / PLOTS / f"{n}.csv") for n in ("teacher", "student")}
     tmp = root / (str(OUT) + ".tmp")
@@ -58,15 +63,17 @@ def run(params: Params) -> dict:
         if figures[key]:
             draw[key](tmp / file)
     names = {"teacher": models["teacher"].default_cfg.get("architecture", "teacher"), "student": student.MODEL_NAME}
-    (tmp / "report.md").write_text(report.markdown(summary, architecture, names, figures))
+    (tmp / "report.md").write_text(report.markdown(summary, measured, architecture, names, figures))
     shutil.rmtree(root / OUT, ignore_errors=True)
     os.replace(tmp, root / OUT)
-    (root / SUMMARY).parent.mkdir(parents=True, exist_ok=True)
-    (root / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    write_metrics(root / SUMMARY, summary)
+    write_metrics(root / LATENCY, measured)
     with tracking.stage_run("report", {"report": as_dict(cfg)}, root, params.tracking.experiment):
-        tracking.log_metrics({k: v for k, v in tracking.flatten(summary).items() if isinstance(v, (int, float))})
+        tracking.log_metrics({k: v for k, v in tracking.flatten({**summary, "latency": measured}).items()
+                              if isinstance(v, (int, float))})
         mlflow.log_artifacts(str(root / OUT), artifact_path="report")
         mlflow.log_artifact(str(root / SUMMARY))
+        mlflow.log_artifact(str(root / LATENCY))
     log.info("report: student test %.4f vs teacher %.4f, %.3fx the params -> %s", rows["student"]["test_acc"],
              rows["teacher"]["test_acc"], summary["student_vs_teacher"]["params"], root / OUT / "report.md")
     return summary

@@ -322,7 +322,12 @@ def test_report_compares_teacher_and_student_and_logs_to_mlflow(trained, store: 
     student_metrics = json.loads((root / "metrics/student.json").read_text())
     assert saved["student"]["params"] == student_metrics["params"] and saved["student"]["flops"] == student_metrics["flops"]
     assert saved["student_vs_teacher"]["params"] == pytest.approx(saved["student"]["params"] / saved["teacher"]["params"])
-    assert {"latency_ms_b1", "latency_ms_b4"} <= set(saved["student"]) and saved["student"]["latency_ms_b4"] > 0
+    assert not any(k.startswith("latency") for k in saved["student"]), "measured latency has its own file"
+    latency = json.loads((root / "metrics/latency.json").read_text())
+    assert set(latency["student"]) == {"latency_b1", "latency_b4"} and latency["student"]["latency_b4"] > 0
+    assert latency["student_vs_teacher"]["latency_b4"] == pytest.approx(
+        latency["student"]["latency_b4"] / latency["teacher"]["latency_b4"])
+    assert "predicted" not in latency  # searched on params: nothing measured to predict it
     assert saved["search"]["front_points"] == sum(1 for _ in open(root / "artifacts/search/pareto.csv")) - 1
     page = (root / "reports/report.md").read_text()
     for file in ("pareto.png", "supernet_loss.png", "training.png"):
@@ -358,3 +363,14 @@ def test_report_with_a_wrong_search_out_dir_names_the_stage_to_run(trained, stor
     err = capsys.readouterr().err
     assert "nosuch/pareto.csv is missing" in err and "`dvc repro assemble`" in err and err.count("\n") == 1
     assert not (root / "reports").exists()
+
+
+def test_latency_summary_puts_the_cost_tables_prediction_beside_the_measurement() -> None:
+    from pipeline import report
+
+    measured = {"teacher": {1: 4.0, 256: 200.0}, "student": {1: 2.0, 256: 100.0}}
+    out = report.latency_summary(measured, {"latency_b256": 105.0, "costs_fingerprint": "abc"}, tolerance=0.1)
+    assert out["student_vs_teacher"] == {"latency_b1": 0.5, "latency_b256": 0.5}
+    assert out["predicted"]["relative_error"] == {"latency_b256": pytest.approx(0.05)}
+    assert out["predicted"]["within_tolerance"] and out["predicted"]["fingerprint"] == "abc"
+    assert not report.latency_summary(measured, {"latency_b256": 120.0}, tolerance=0.1)["predicted"]["within_tolerance"]
