@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE ?= 1
+TEST_WORKERS ?= $(shell nproc)
 
 .PHONY: help setup data run smoke test bench ui lint gpu-check
 help:  ## list the targets
@@ -33,8 +34,8 @@ smoke: setup  ## the whole DAG on configs/smoke.yaml, in .smoke/ (a copy: main o
 gpu-check: setup  ## smoke DAG on CUDA (amp off/on) + 1-GPU torchrun vs a CPU run; a dry run without CUDA
 	$(PY) -m pipeline.gpu_check .gpu-check
 
-test: setup  ## the test suite (includes an end-to-end smoke repro)
-	$(PY) -m pytest -q
+test: setup  ## the test suite (includes an end-to-end smoke repro), one worker per core, a test file per worker
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup  ## benchmarks; results land in benchmarks/results/
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -226,7 +226,7 @@ class Retrain:
     ema: float = 0.0  # decay of a timm ModelEmaV3 of the weights, selected on val; 0 = off
     drop_path: float = 0.0  # stochastic depth over the MBConv blocks
     drop_rate: float = 0.0  # dropout before the classifier
-    onnx: bool = False  # also export model.onnx, checked against onnxruntime (needs the onnx extra)
+    onnx: bool = False  # also export model.onnx, checked against onnxruntime
     registry_name: str = "dna-student"  # MLflow registered model; "" = neither log nor register the model
 
 

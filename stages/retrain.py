@@ -12,7 +12,6 @@ model is logged to MLflow and registered as retrain.registry_name (an empty name
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from pipeline import checkpoint, cli, retrain, runtime, student, tracking
-from pipeline.config import ConfigError, Params, as_dict, repo_root
+from pipeline.config import Params, as_dict, repo_root
 from pipeline.data import load_meta, load_split, normalize, prepared_identity
 from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
 from pipeline.teacher import load_teacher, weights_hash
@@ -37,8 +36,6 @@ log = logging.getLogger("stages.retrain")
 
 def run(params: Params) -> dict[str, float]:
     root, cfg, rt = repo_root(), params.retrain, params.runtime
-    if cfg.onnx and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")):
-        raise ConfigError("retrain.onnx=true needs the onnx extra: pip install -e '.[onnx]' (or set retrain.onnx=false)")
     meta = load_meta(root / PREPARED)
     spec = build_space(params.space, load_teacher_split(root / TEACHER_SPLIT))
     runtime.seed_everything(params.seed)
