@@ -182,7 +182,7 @@ class _Level:
     pick: np.ndarray  # row of block j-1
 
 
-def evaluate(costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed_cost: float,
+def summed(costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed_cost: float,
              choice: Sequence[int]) -> Architecture:
     """Score and cost of one architecture, summed in block order (the order every method here uses)."""
     score, cost = 0.0, float(fixed_cost)
@@ -322,7 +322,7 @@ class ExactSearch:
 
     def totals(self, choice: Sequence[int]) -> dict[str, float]:
         """Every metric's total for one architecture (fixed parts included), the searched metric first."""
-        return {name: evaluate(m.costs, self.scores, m.fixed, choice).cost for name, m in self._metrics.items()}
+        return {name: summed(m.costs, self.scores, m.fixed, choice).cost for name, m in self._metrics.items()}
 
     def front(self, limits: Mapping[str, float] | None = None) -> Front:
         """Every Pareto-optimal (cost, score) point with one architecture realising it.
@@ -351,7 +351,7 @@ class ExactSearch:
         self._check_budget(budget)
         front = self.front()
         point = len(front.cost) - 1 if budget is None else int(np.searchsorted(front.cost, budget, "right")) - 1
-        return evaluate(self.costs, self.scores, self.fixed_cost, front.choice[point])
+        return summed(self.costs, self.scores, self.fixed_cost, front.choice[point])
 
     def top_k(self, k: int, budget: float | None = None,
               limits: Mapping[str, float] | None = None) -> list[Architecture]:
@@ -436,7 +436,7 @@ class ExactSearch:
                                       (group, rank + 1)))
             choice = (int(group.rows[rank]), *group.suffix)
             if group.block == 0:
-                totals = [evaluate(m.costs, self.scores, m.fixed, choice) for m in metrics]
+                totals = [summed(m.costs, self.scores, m.fixed, choice) for m in metrics]
                 if all(t.cost <= limit for t, limit in zip(totals, cap, strict=True)):
                     heapq.heappush(heap, (totals[0].score, totals[0].cost, next(tie), totals[0]))
             else:
@@ -563,12 +563,12 @@ def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | Non
 
     def objective(trial: Any) -> Any:
         choice = [index[i][trial.suggest_categorical(b.name, list(b.candidates))] for i, b in enumerate(blocks)]
-        arch = evaluate(costs, scores, fixed_cost, choice)
+        arch = summed(costs, scores, fixed_cost, choice)
         trial.set_user_attr("cost", arch.cost)
         if budget is not None:
             trial.set_constraint("budget", arch.cost - budget)
         for name, (limit, fixed) in (limits or {}).items():
-            trial.set_constraint(name, evaluate([b.cost(name) for b in blocks], scores, fixed, choice).cost - limit)
+            trial.set_constraint(name, summed([b.cost(name) for b in blocks], scores, fixed, choice).cost - limit)
         return arch.score if sampler == "tpe" else (arch.score, arch.cost)
 
     study = optuna.create_study(storage=_storage(storage), load_if_exists=True,
@@ -589,7 +589,7 @@ def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | Non
     best = None
     if feasible:
         top = min(feasible, key=lambda t: (t.values[0], t.user_attrs["cost"], t.number))
-        best = evaluate(costs, scores, fixed_cost, [index[i][top.params[b.name]] for i, b in enumerate(blocks)])
+        best = summed(costs, scores, fixed_cost, [index[i][top.params[b.name]] for i, b in enumerate(blocks)])
     return OptunaResult(best, len(finished), len(feasible), history.reshape(-1, 3))
 
 
@@ -761,7 +761,7 @@ def summary(result: Result, search: Search) -> dict[str, Any]:
     prob = result.problem
 
     def describe(a: Architecture) -> dict[str, Any]:
-        totals = {m: _plain(evaluate([t.cost(m) for t in prob.tables], [t.score for t in prob.tables],
+        totals = {m: _plain(summed([t.cost(m) for t in prob.tables], [t.score for t in prob.tables],
                                      prob.fixed[m], a.choice).cost) for m in prob.fixed}
         return {"candidates": [t.candidates[r] for t, r in zip(prob.tables, a.choice, strict=True)],
                 "score": a.score, **totals}

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import stats
 
 from pipeline import records
-from pipeline.assembly import BlockTable, evaluate
+from pipeline.assembly import BlockTable, summed
 from pipeline.checkpoint import ArtifactError, atomic, read_json
 from pipeline.errors import PipelineError
 
@@ -57,7 +57,7 @@ class Sampled:
 def _describe(name: str, kind: str, tables: Sequence[BlockTable], fixed: Mapping[str, float],
               rows: Sequence[int]) -> Sampled:
     scores = [t.score for t in tables]
-    cost = {m: evaluate([t.cost(m) for t in tables], scores, fixed[m], rows) for m in ("params", "flops")}
+    cost = {m: summed([t.cost(m) for t in tables], scores, fixed[m], rows) for m in ("params", "flops")}
     return Sampled(name, kind, tuple(t.candidates[r] for t, r in zip(tables, rows, strict=True)),
                    cost["params"].cost, cost["flops"].cost, cost["params"].score,
                    tuple(float(t.score[r]) for t, r in zip(tables, rows, strict=True)))

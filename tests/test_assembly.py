@@ -74,7 +74,7 @@ def test_exact_equals_brute_force(instance):
     assert set(zip(front.cost.tolist(), front.score.tolist(), strict=True)) == brute_front(cost, score)
     assert np.all(np.diff(front.cost) > 0) and np.all(np.diff(front.score) < 0)
     for c, s, choice in zip(front.cost, front.score, front.choice, strict=True):  # each point is realised
-        arch = assembly.evaluate(costs, scores, fixed, choice)
+        arch = assembly.summed(costs, scores, fixed, choice)
         assert (arch.cost, arch.score) == (c, s)
 
     budget = float(cost.min() + where * (cost.max() - cost.min()))
@@ -83,7 +83,7 @@ def test_exact_equals_brute_force(instance):
     order = np.lexsort((cost[feasible], score[feasible]))  # lowest score, then cheapest
     assert (best.score, best.cost) == (score[feasible][order[0]], cost[feasible][order[0]])
     assert best.cost <= budget
-    assert assembly.evaluate(costs, scores, fixed, best.choice) == best
+    assert assembly.summed(costs, scores, fixed, best.choice) == best
 
     top = search.top_k(k, budget)
     assert [(a.score, a.cost) for a in top] == ranked(score[feasible], cost[feasible])[:k]
@@ -192,7 +192,7 @@ def test_limits_equal_brute_force(instance):
 
     def meets(arch) -> bool:
         got = search.totals(arch.choice)
-        return arch == assembly.evaluate(costs, scores, fixed, arch.choice) and all(got[n] <= caps[n] for n in caps)
+        return arch == assembly.summed(costs, scores, fixed, arch.choice) and all(got[n] <= caps[n] for n in caps)
 
     best = search.best(budget, limits)
     assert (best.score, best.cost) == ranked(score[feasible], cost[feasible])[0] and meets(best)
