@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from pipeline import costs, space
+from pipeline import costs, latency, space
 from pipeline.config import Space, as_dict, load_params
 from pipeline.teacher import block_split, create_teacher
 
@@ -64,7 +63,7 @@ def _stage(root: Path, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _row(label: str, result: costs.Additivity) -> str:
+def _row(label: str, result: latency.Additivity) -> str:
     errors = np.asarray(result.errors)
     ok = result.median <= TARGETS["median"] and result.p90 <= TARGETS["p90"]
     return (f"| {label} | {result.batch} | {len(errors)} | {100 * result.median:.1f}% | {100 * result.p90:.1f}% | "
@@ -81,15 +80,18 @@ def _run(root: Path, overrides: list[str], students: int, seed: int) -> dict:
     out = root / cfg.out_dir
     tables = {f"latency_b{b}": costs.read_costs(out, spec, f"latency_b{b}", fp) for b in cfg.batch_sizes}
     start = time.perf_counter()
-    stage_tables, _, _ = costs.additivity(spec, cfg, channels_last, students, seed, tables=tables)
+    stage_tables, _, _ = latency.additivity(spec, cfg, channels_last, students, seed, tables=tables)
     stage_seconds = time.perf_counter() - start
+    teacher = {"teacher": latency.teacher_item(params.teacher, space.load_teacher_split(root / space.TEACHER_SPLIT))}
+    teacher_now = latency.time_items(teacher, costs.target(cfg, channels_last), cfg.batch_sizes, cfg.warmup,
+                                     cfg.repeats, seed)["teacher"]
     start = time.perf_counter()
-    same, _, _ = costs.additivity(spec, cfg, channels_last, students, seed)
+    same, _, _ = latency.additivity(spec, cfg, channels_last, students, seed)
     same_seconds = time.perf_counter() - start
     return {"cfg": cfg, "spec": spec, "fingerprint": json.loads((out / costs.FINGERPRINT).read_text()),
             "stage_seconds": seconds, "stage": stage_tables, "same": same,
             "fixed": json.loads((out / costs.FIXED).read_text()), "teacher": json.loads((out / costs.TEACHER).read_text()),
-            "seconds": (stage_seconds, same_seconds)}
+            "seconds": (stage_seconds, same_seconds), "teacher_now": teacher_now}
 
 
 def main() -> None:
@@ -113,7 +115,7 @@ def main() -> None:
              f"Command: `.venv/bin/python benchmarks/bench_costs.py{''.join(' ' + a for a in sys.argv[1:])}`",
              "", f"Default space ({len(spec.blocks)} blocks, ops {', '.join(Space().ops)}, {counts} = "
              f"{sum(b.num_candidates() for b in spec.blocks)} candidates), costs params "
-             f"`{OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg)), sort_keys=False).strip().replace(chr(10), '; ')}`; "
+             f"`{json.dumps(as_dict(cfg))}`; "
              f"load average at the end {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f} (2 cores shared with other jobs).", ""]
     for backend, run in runs.items():
         fp = run["fingerprint"]
@@ -127,22 +129,27 @@ def main() -> None:
                   f"{json.dumps(run['teacher'])}.", "",
                   f"{args.students} random whole students (one uniform candidate per block, seed {args.seed}), built "
                   f"as timm `dna_student` models; error = (predicted - measured) / measured; target median <= 5%, "
-                  f"p90 <= 10%. Stage tables: the students timed after the stage ({run['seconds'][0]:.0f} s); same "
-                  f"rounds: modules and students timed together ({run['seconds'][1]:.0f} s).", "",
+                  f"p90 <= 10%. Stage tables: the stage's tables, the students timed after it ({run['seconds'][0]:.0f} "
+                  f"s); same rounds: `latency.measure_space` (the stage's code) with the students timed in its rounds "
+                  f"({run['seconds'][1]:.0f} s); uncalibrated: the same without the calibration factor.", "",
                   "| prediction from | batch | students | median abs | p90 abs | median signed | max abs | "
                   "measured median ms | target met |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for label, key in (("stage tables", "stage"), ("same rounds", "same")):
             lines += [_row(label, result) for result in run[key].values()]
         lines += [_row("same rounds, uncalibrated", result.uncalibrated) for result in run["same"].values()]
-        drift = {b: np.median(np.abs(np.asarray(run["stage"][b].measured) / np.asarray(run["same"][b].measured) - 1))
+        drift = {b: np.median(np.asarray(run["stage"][b].measured) / np.asarray(run["same"][b].measured) - 1)
                  for b in run["same"]}
+        teacher = {b: run["teacher_now"][b] / run["teacher"][f"latency_b{b}"] - 1 for b in run["teacher_now"]}
         factors = {k: round(v, 3) for k, v in run["fixed"]["calibration"].items() if k != "students"}
         lines += ["", f"Calibration factors of the stage tables (measured / summed, median of "
-                      f"{run['fixed']['calibration']['students']} other students): {factors}. The machine's own drift: "
-                      f"the same students measured in the two runs differ by a median of "
-                      + ", ".join(f"{100 * d:.1f}% (batch {b})" for b, d in drift.items())
-                      + " (a bound on what stage tables can predict in a later run).", ""]
+                      f"{run['fixed']['calibration']['students']} other students): {factors}.", "",
+                  "The machine's own drift (same modules, same code, another minute): the teacher timed right after "
+                  "the stage-table students vs in the stage: "
+                  + ", ".join(f"{100 * d:+.1f}% (batch {b})" for b, d in teacher.items())
+                  + "; the same students in the stage-table run vs the same-rounds run: "
+                  + ", ".join(f"{100 * d:+.1f}% (batch {b})" for b, d in drift.items())
+                  + ". Stage-table errors include this drift; same-rounds errors are the method's.", ""]
     lines += ["## How the tables are measured", "",
               "Each distinct layer module (op x geometry) at student widths on its real input size, the student's "
               "own stem and head modules, the teacher and `costs.calibrate` whole random students are timed in "
@@ -165,7 +172,15 @@ def main() -> None:
               "batch 1 under-predicts by 22-30%: in a whole student the other layers evict a layer's weights.",
               "- The machine's speed drifts: an idle guest timed the same modules 2x apart within minutes (host "
               "contention), so stage tables and a later measurement of students agree only as well as the machine "
-              "holds still; the same-rounds rows are the additivity of the method.", ""]
+              "holds still; the same-rounds rows are the additivity of the method.", "",
+              "Earlier runs of this benchmark with the method above (2026-12-02, `--onnx`, 30 students; median / "
+              "p90 abs error, batch 1 and batch 256):", "",
+              "| run | load | torch same rounds | torch stage tables | ONNX RT same rounds | ONNX RT stage tables |",
+              "|---|---|---|---|---|---|",
+              "| 15:19 | 2.4-3 | 1.4/2.9%, 3.3/8.4% | 13.9/23.4%, 48.0/69.5% (stage under heavier load) | "
+              "1.6/4.7%, 0.5/1.8% | 3.4/6.7%, 2.7/4.5% |",
+              "| 14:44 (no calibration; ONNX RT without IO binding) | 1-2.5 | 3.0/7.1%, 1.8/3.8% | 4.2/7.6%, 6.5/8.3% | "
+              "- | - |", ""]
     RESULTS.write_text("\n".join(lines))
     print("\n".join(lines))
 

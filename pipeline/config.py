@@ -232,9 +232,7 @@ class Retrain:
 
 @dataclass
 class Report:
-    latency_batches: list[int] = field(default_factory=lambda: [1, 256])  # CPU latency per batch size
-    latency_repeats: int = 20  # timed forwards per batch size (the median is reported)
-    latency_threads: int = 1  # torch threads while timing: 1 is steadier on a shared machine
+    latency_repeats: int = 20  # timed rounds of teacher and student (median), as costs times (costs.batch_sizes)
 
 
 def _short_recipe() -> Recipe:
@@ -442,10 +440,7 @@ def _check_retrain(p: Params) -> None:
     _require(0 <= r.ema < 1, "retrain.ema", r.ema, "must be in [0, 1) (0 = off, e.g. 0.999)")
     _require(0 <= r.drop_path < 1, "retrain.drop_path", r.drop_path, "must be in [0, 1)")
     _require(0 <= r.drop_rate < 1, "retrain.drop_rate", r.drop_rate, "must be in [0, 1)")
-    _require(bool(rep.latency_batches) and min(rep.latency_batches) >= 1, "report.latency_batches",
-             list(rep.latency_batches), "a non-empty list of batch sizes >= 1")
     _require(rep.latency_repeats >= 1, "report.latency_repeats", rep.latency_repeats, "must be >= 1")
-    _require(rep.latency_threads >= 0, "report.latency_threads", rep.latency_threads, "must be >= 0 (0 = all cores)")
 
 
 def _check_validate(p: Params) -> None:

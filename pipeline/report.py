@@ -9,60 +9,17 @@ disagree.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import statistics
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from pipeline.assembly import Architecture, Front, plot_front
 from pipeline.checkpoint import ArtifactError
 
 FIGURES = {"pareto": "pareto.png", "supernet": "supernet_loss.png", "training": "training.png"}
-
-
-# ---------------------------------------------------------------------------------------------------- measuring
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@torch.inference_mode()
-def latency_ms(models: Mapping[str, nn.Module], shape: Sequence[int], batches: Sequence[int], repeats: int,
-               threads: int = 1, channels_last: bool = True) -> dict[str, dict[int, float]]:
-    """Median milliseconds per forward, per model and batch size.
-
-    Models take turns on every repetition, so load from other processes on a shared machine hits them alike and
-    their ratio stays meaningful even when the absolute numbers drift. Models are moved to the CPU (the inputs'
-    device) whatever device they were loaded on.
-    """
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    models = {name: m.eval().to("cpu", memory_format=layout) for name, m in models.items()}
-    out: dict[str, dict[int, float]] = {name: {} for name in models}
-    with _threads(threads):
-        for batch in batches:
-            x = torch.randn(batch, *shape).contiguous(memory_format=layout)
-            times: dict[str, list[float]] = {name: [] for name in models}
-            for round_ in range(repeats + 2):  # two warm-up rounds
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    model(x)
-                    if round_ >= 2:
-                        times[name].append(1e3 * (time.perf_counter() - start))
-            for name in models:
-                out[name][batch] = statistics.median(times[name])
-    return out
 
 
 def read_rows(path: Path) -> list[dict[str, float]]:

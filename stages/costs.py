@@ -5,7 +5,8 @@
 Needs no supernet: the space's geometry comes from the teacher's blocks.json. Writes ``costs.out_dir``
 (default artifacts/costs): <block>.csv (candidate, params, flops, latency_b<N> per batch size: one row per
 candidate), fixed.json (stem, head, classifier), teacher.json and fingerprint.json (the machine and libraries the
-latencies were measured with; pipeline.costs.read_costs refuses them on another). See pipeline.costs.
+latencies were measured with; pipeline.costs.read_costs refuses them on another). See pipeline.costs (the tables)
+and pipeline.latency (how they are measured).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 
 import mlflow
 
-from pipeline import cli, costs, tracking
+from pipeline import cli, costs, latency, tracking
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
 
@@ -31,7 +32,7 @@ def run(params: Params) -> costs.CostTables:
     tracked = {"costs": as_dict(cfg), "space": as_dict(params.space), "teacher": teacher,
                "runtime": {"channels_last": channels_last}, "fingerprint": fingerprint}
     with tracking.stage_run("costs", tracked, root, params.tracking.experiment):
-        tables, _ = costs.measure_space(spec, cfg, channels_last, teacher=costs.teacher_item(params.teacher, split))
+        tables, _ = latency.measure_space(spec, cfg, channels_last, teacher=latency.teacher_item(params.teacher, split))
         paths = costs.write_costs(root / cfg.out_dir, spec, tables)
         metrics = {f"costs/fixed/{k}": v for k, v in tables.fixed.items()}
         metrics.update({f"costs/teacher/{k}": v for k, v in tables.teacher.items()})
@@ -41,9 +42,9 @@ def run(params: Params) -> costs.CostTables:
             for path in paths:
                 mlflow.log_artifact(str(path), artifact_path="costs")
     rows = sum(len(b) for b in tables.blocks.values())
-    latency = {k: round(v, 3) for k, v in tables.teacher.items() if k.startswith("latency_")}
+    teacher_ms = {k: round(v, 3) for k, v in tables.teacher.items() if k.startswith("latency_")}
     log.info("costs: %d candidates in %d blocks measured in %.1f s on <%s> (id %s); teacher %s ms -> %s", rows,
-             len(spec.blocks), tables.seconds, costs.describe(fingerprint), fingerprint["id"], latency,
+             len(spec.blocks), tables.seconds, costs.describe(fingerprint), fingerprint["id"], teacher_ms,
              root / cfg.out_dir)
     return tables
 

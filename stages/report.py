@@ -1,6 +1,6 @@
 """DVC stage `report`: teacher vs searched student, the search, the supernet curves; metrics/summary.json + reports/.
 
-    python stages/report.py [report.latency_repeats=50 ...]
+    python stages/report.py [report.latency_repeats=50 costs.threads=2 ...]
 
 Reads the teacher and student artifacts and metrics, ``search.out_dir`` (architecture.json, pareto.csv) and the
 per-epoch CSVs under plots/. Writes metrics/summary.json (results: accuracy, params, FLOPs), metrics/latency.json
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import cli, report, student, tracking
+from pipeline import cli, costs, report, student, tracking
+from pipeline import latency as timing
 from pipeline.checkpoint import ArtifactError, read_json
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.records import write_metrics
@@ -38,13 +39,15 @@ def run(params: Params) -> dict:
     front = report.read_front(root / params.search.out_dir / "pareto.csv")
     models = {"teacher": load_teacher(root / TEACHER)[0], "student": student.load(root / STUDENT)}
     shape = tuple(models["student"].pretrained_cfg["input_size"])
-    latency = report.latency_ms(models, shape, cfg.latency_batches, cfg.latency_repeats, cfg.latency_threads,
-                                params.runtime.channels_last)
     rows = {}
     for name, model in models.items():
         cost = module_cost(model, shape)
         rows[name] = {"test_acc": scores[name]["test/acc"], "val_acc": scores[name]["val/acc"], "params": cost.params,
                       "flops": cost.flops}
+    # timed as the costs stage times its tables (backend, device, threads, clock, batch sizes), in shared rounds
+    target = costs.target(params.costs, params.runtime.channels_last)
+    items = {name: timing.Item(model, shape) for name, model in models.items()}
+    latency = timing.time_items(items, target, params.costs.batch_sizes, params.costs.warmup, cfg.latency_repeats)
     summary = report.summarize(rows["teacher"], rows["student"], architecture, len(front.cost))
     measured = report.latency_summary(latency, architecture, params.costs.tolerance)
     if not measured.get("predicted", {}).get("within_tolerance", True):

@@ -151,7 +151,7 @@ RETRAIN = [
     "retrain.train.epochs=2", "retrain.train.batch_size=32", "retrain.train.eval_batch_size=64",
     "retrain.train.warmup_epochs=0", "retrain.train.augment.erase_prob=0.25",
     "retrain.init=scratch", "retrain.kd_weight=0.5", "retrain.ema=0.9", "retrain.registry_name=tiny-student",
-    "report.latency_batches=[1,4]", "report.latency_repeats=2",
+    "costs.batch_sizes=[1,4]", "report.latency_repeats=2",
     "search.metric=params",
 ]
 

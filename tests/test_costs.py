@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import costs, space
+from pipeline import costs, latency, space
 from pipeline.checkpoint import ArtifactError
 from pipeline.config import ConfigError, Costs
 from tests.fakes import TEACHER, load_stage, params_at, teacher_split, tiny_params, tiny_yaml
@@ -91,8 +91,8 @@ def test_missing_cuda_fails_before_timing() -> None:
 def test_tables_count_exactly_and_sum_their_layers() -> None:
     spec = _spec(["space.identity=true"])  # a skip op inside b1's 3-layer cell: it adds nothing
     cfg = tiny_params(FAST).costs
-    teacher = costs.teacher_item(TEACHER, teacher_split())
-    tables, _ = costs.measure_space(spec, cfg, True, teacher=teacher)
+    teacher = latency.teacher_item(TEACHER, teacher_split())
+    tables, _ = latency.measure_space(spec, cfg, True, teacher=teacher)
     assert tables.metrics == ["params", "flops", "latency_b1", "latency_b2"]
     for block in spec.blocks:
         rows = tables.blocks[block.name]
@@ -136,7 +136,8 @@ def test_stage_writes_the_costs_contract(costs_root: Path) -> None:
     assert read.metric.measured and list(read.blocks) == ["b0", "b1", "b2"] and read.fixed > 0
     fixed = json.loads((out / costs.FIXED).read_text())
     assert fixed["calibration"]["students"] == 2 and read.calibration == fixed["calibration"]["latency_b2"]
-    assert read.fixed == fixed["latency_b2"] == pytest.approx(sum(p["latency_b2"] for p in fixed["parts"].values()))
+    assert read.fixed == fixed["latency_b2"] == pytest.approx(sum(p["latency_b2"] for p in fixed["parts"].values()),
+                                                              abs=1e-5)  # each rounded to 6 decimals
     assert costs.predict(read, {b.name: next(b.candidates()) for b in spec.blocks}) > read.fixed
     assert costs.read_costs(out, spec, "params").fixed == space.fixed_parts_cost(spec).params
 
@@ -189,12 +190,12 @@ def test_onnxruntime_backend_times_a_tiny_block() -> None:
     layer = block.cells[0].layers[0]
     module = space.build_layer(block, layer, "k5e6", student=True).eval()
     x = torch.randn(3, layer.student_in, *layer.in_size)
-    session = ort.InferenceSession(costs.export_onnx(module, (layer.student_in, *layer.in_size)),
+    session = ort.InferenceSession(latency.export_onnx(module, (layer.student_in, *layer.in_size)),
                                    providers=["CPUExecutionProvider"])
     with torch.no_grad():
         np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], module(x).numpy(), atol=1e-5)
     cfg = replace(tiny_params(FAST).costs, backend="onnxruntime", batch_sizes=[1], repeats=1, calibrate=0)
-    tables, _ = costs.measure_space(spec, cfg, True)
+    tables, _ = latency.measure_space(spec, cfg, True)
     assert tables.fingerprint["backend"] == "onnxruntime" and tables.fingerprint["onnxruntime"] == ort.__version__
     assert tables.calibration == {"students": 0, "latency_b1": 1.0} and costs.CALL in tables.parts
     assert tables.fingerprint["channels_last"] is False  # a torch layout: not part of an ONNX Runtime table
@@ -204,12 +205,12 @@ def test_onnxruntime_backend_times_a_tiny_block() -> None:
 def test_additivity_compares_whole_students() -> None:
     spec = _spec()
     cfg = replace(tiny_params(FAST).costs, batch_sizes=[1])
-    results, tables, choices = costs.additivity(spec, cfg, True, students=3, seed=1)
+    results, tables, choices = latency.additivity(spec, cfg, True, students=3, seed=1)
     assert len(choices) == 3 and all(set(c) == {"b0", "b1", "b2"} for c in choices)
     result = results[1]
     assert len(result.errors) == 3 and all(m > 0 for m in result.measured)
     assert result.predicted[0] == pytest.approx(costs.predict(tables.metric("latency_b1"), choices[0]))
     assert 0 <= result.median <= result.p90 < 10
     assert result.uncalibrated.predicted[0] == pytest.approx(result.predicted[0] / tables.calibration["latency_b1"])
-    calibration = costs.random_choices(spec, 3, seed=1, stream=costs.CALIBRATION)
+    calibration = latency.random_choices(spec, 3, seed=1, stream=costs.CALIBRATION)
     assert calibration != choices  # the students checked are not those the tables were calibrated on
