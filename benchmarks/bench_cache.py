@@ -197,7 +197,7 @@ def bench_block(b: int, block: dict, params: Params, cache: FeatureCache, images
     return out
 
 
-def ranking_agreement(caches: dict[str, FeatureCache], teacher_split: dict, params: Params, device: torch.device,
+def ranking_agreement(caches: dict[str, FeatureCache], teacher_blocks: dict, params: Params, device: torch.device,
                       epochs: int, scratch: Path) -> dict[str, object]:
     """Kendall tau between float16 and float32 scores of every candidate of ``SCORE_BLOCK``, from the pipeline's
     own supernet training (``train_block``) and scoring (``score_prefix``: BN recalibrated per candidate).
@@ -205,7 +205,7 @@ def ranking_agreement(caches: dict[str, FeatureCache], teacher_split: dict, para
     score-only: the float32-trained supernet rated on each cache's val features; end-to-end: a supernet trained
     and rated on each cache (same seed, init, batches and paths), as the pipeline runs with either dtype.
     """
-    spec = build_space(params.space, teacher_split).block(SCORE_BLOCK)
+    spec = build_space(params.space, teacher_blocks).block(SCORE_BLOCK)
     in_key, target_key = feature_keys(list(params.space.blocks), SCORE_BLOCK)
     cfg = replace(params.supernet, epochs=epochs, train_samples=0)
     nets = {}

@@ -5,7 +5,7 @@
 1. Runs `python stages/costs.py` (timed, a fresh process as DVC starts it) in a scratch workspace holding
    params.yaml (with the default `space.ops` of pipeline.config, whatever params.yaml lists) and the teacher's
    blocks.json (the repository's when the teacher stage has run, else made by the teacher stage's own
-   block_split on an untrained default teacher: the same geometry).
+   cut_blocks on an untrained default teacher: the same geometry).
 2. Stage tables: reads them back (`read_costs`, fingerprint checked), then builds `--students` random whole
    students as real timm models, times them the way the tables were timed, and compares predicted (block tables +
    fixed parts) with measured latency per batch size.
@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline import costs, latency, space
 from pipeline.config import Space, as_dict, load_params
-from pipeline.teacher import block_split, create_teacher
+from pipeline.teacher import create_teacher, cut_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks/results/costs.md"
@@ -42,14 +42,14 @@ def _workspace(root: Path, overrides: list[str]) -> list[str]:
     overrides = [f"space.ops=[{','.join(Space().ops)}]", *overrides]
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    teacher = root / space.TEACHER_SPLIT
+    teacher = root / space.TEACHER_BLOCKS
     teacher.parent.mkdir(parents=True, exist_ok=True)
-    if (REPO / space.TEACHER_SPLIT).is_file():
-        shutil.copy(REPO / space.TEACHER_SPLIT, teacher)
+    if (REPO / space.TEACHER_BLOCKS).is_file():
+        shutil.copy(REPO / space.TEACHER_BLOCKS, teacher)
     else:
         params = load_params(overrides, root=root)
         model = create_teacher(params.teacher, 1, 10)
-        blocks = block_split(model, params.teacher.boundaries, 1, params.data.image_size)
+        blocks = cut_blocks(model, params.teacher.boundaries, 1, params.data.image_size)
         teacher.write_text(json.dumps({"teacher": params.teacher.name, "config": as_dict(params.teacher),
                                        "image_size": params.data.image_size, "in_chans": 1, "num_classes": 10,
                                        "blocks": blocks}, indent=2))
@@ -74,7 +74,7 @@ def _row(label: str, result: latency.Additivity) -> str:
 def _run(root: Path, overrides: list[str], students: int, seed: int) -> dict:
     seconds = _stage(root, overrides)
     params = load_params(overrides, root=root)
-    spec = space.build_space(params.space, space.load_teacher_split(root / space.TEACHER_SPLIT))
+    spec = space.build_space(params.space, space.load_teacher_blocks(root / space.TEACHER_BLOCKS))
     cfg, channels_last = params.costs, params.runtime.channels_last
     fp = costs.fingerprint(cfg, channels_last)
     out = root / cfg.out_dir
@@ -82,7 +82,7 @@ def _run(root: Path, overrides: list[str], students: int, seed: int) -> dict:
     start = time.perf_counter()
     stage_tables, _, _ = latency.additivity(spec, cfg, channels_last, students, seed, tables=tables)
     stage_seconds = time.perf_counter() - start
-    teacher = {"teacher": latency.teacher_item(params.teacher, space.load_teacher_split(root / space.TEACHER_SPLIT))}
+    teacher = {"teacher": latency.teacher_item(params.teacher, space.load_teacher_blocks(root / space.TEACHER_BLOCKS))}
     teacher_now = latency.time_items(teacher, costs.target(cfg, channels_last), cfg.batch_sizes, cfg.warmup,
                                      cfg.repeats, seed)["teacher"]
     start = time.perf_counter()

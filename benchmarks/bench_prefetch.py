@@ -30,7 +30,7 @@ from pipeline.data import Split
 from pipeline.features import FeatureCache, write_features
 from pipeline.space import build_space
 from pipeline.supernet import BlockData, SupernetBlock, feature_keys
-from pipeline.teacher import block_outputs, block_split, create_teacher
+from pipeline.teacher import block_outputs, create_teacher, cut_blocks
 
 MODES = ("prefetch", "inline")
 IMAGE, CHANNELS, CLASSES = 28, 1, 10  # Fashion-MNIST, the default data
@@ -41,7 +41,7 @@ def build_cache(out: Path, params: Params, n_train: int, n_val: int) -> tuple[di
     torch.manual_seed(0)
     teacher = create_teacher(params.teacher, CHANNELS, CLASSES).eval()
     split = {"teacher": params.teacher.name, "image_size": IMAGE, "in_chans": CHANNELS, "num_classes": CLASSES,
-             "blocks": block_split(teacher, params.teacher.boundaries, CHANNELS, IMAGE)}
+             "blocks": cut_blocks(teacher, params.teacher.boundaries, CHANNELS, IMAGE)}
     rng = np.random.default_rng(0)
     sources = {s: Split(rng.integers(0, 256, (n, CHANNELS, IMAGE, IMAGE), dtype=np.uint8), rng.integers(0, 10, n))
                for s, n in (("train", n_train), ("val", n_val))}

@@ -25,7 +25,7 @@ import torch
 
 from pipeline import scoring
 from pipeline.config import load_params
-from pipeline.space import BlockSpec, build_layer, build_space, build_stem, load_teacher_split, module_cost
+from pipeline.space import BlockSpec, build_layer, build_space, build_stem, load_teacher_blocks, module_cost
 from pipeline.supernet import BlockData, SupernetBlock, checkpoint_path, feature_keys, load_trained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def _default_split() -> dict:
 def _setup(block_name: str) -> tuple[SupernetBlock, scoring.RatingData, str]:
     params = load_params(root=REPO)
     split_path = REPO / "artifacts/teacher/blocks.json"
-    split = load_teacher_split(split_path) if split_path.exists() else _default_split()
+    split = load_teacher_blocks(split_path) if split_path.exists() else _default_split()
     block = build_space(params.space, split).block(block_name)
     net = SupernetBlock(block)
     try:

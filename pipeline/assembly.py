@@ -704,7 +704,7 @@ def problem(params: Params, tables: list[BlockTable], root: Path) -> Problem:
         return Problem(tables, fixed, s.metric, s.budget or None, dict(s.limits))
     from pipeline import costs, space  # torch and timm: only when the space is needed
 
-    spec = space.build_space(params.space, space.load_teacher_split(root / space.TEACHER_SPLIT))
+    spec = space.build_space(params.space, space.load_teacher_blocks(root / space.TEACHER_BLOCKS))
     tables = match_space(tables, spec)
     here = costs.fingerprint(params.costs, params.runtime.channels_last)
     read = {m: costs.read_costs(root / params.costs.out_dir, spec, m, here, params.costs.accept_fingerprint,

@@ -235,12 +235,12 @@ def space_items(spec: space.SpaceSpec) -> dict[Hashable, Item]:
     return {**items, **fixed_parts(spec)}
 
 
-def teacher_item(cfg: Teacher, teacher_split: Mapping[str, Any]) -> Item:
+def teacher_item(cfg: Teacher, teacher_blocks: Mapping[str, Any]) -> Item:
     """The teacher as configured (random weights: the time does not depend on them) at the split's image size."""
-    model = create_teacher(replace(cfg, pretrained=False, checkpoint=""), int(teacher_split["in_chans"]),
-                           int(teacher_split["num_classes"]))
-    size = int(teacher_split["image_size"])
-    return Item(model.eval(), (int(teacher_split["in_chans"]), size, size))
+    model = create_teacher(replace(cfg, pretrained=False, checkpoint=""), int(teacher_blocks["in_chans"]),
+                           int(teacher_blocks["num_classes"]))
+    size = int(teacher_blocks["image_size"])
+    return Item(model.eval(), (int(teacher_blocks["in_chans"]), size, size))
 
 
 def candidate_latency(block: space.BlockSpec, cid: str, layers: Mapping[Hashable, Mapping[int, float]],

@@ -34,7 +34,7 @@ from pipeline.checkpoint import ArtifactError
 from pipeline.config import Cell, ConfigError, Params, Space, repo_root
 
 SKIP = "skip"
-TEACHER_SPLIT = Path("artifacts/teacher/blocks.json")
+TEACHER_BLOCKS = Path("artifacts/teacher/blocks.json")
 CHANNEL_DIVISOR = 8  # timm's EfficientNet rounds every width to a multiple of 8 (round_channels)
 
 
@@ -198,7 +198,7 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class SpaceSpec:
-    """The resolved space: params' ``space`` group laid over the teacher's block split (``blocks.json``)."""
+    """The resolved space: params' ``space`` group laid over the teacher's blocks (``blocks.json``)."""
 
     blocks: tuple[BlockSpec, ...]
     stem: Stem
@@ -239,7 +239,7 @@ def check_space(space: Space, num_blocks: int) -> None:
         raise ConfigError(f"params key 'space.head' = {space.head} is invalid: 0 (no head conv) or a width")
     expected = [f"b{i}" for i in range(num_blocks)]
     if list(space.blocks) != expected:
-        raise ConfigError(f"params key 'space.blocks' has keys {list(space.blocks)} but the teacher split "
+        raise ConfigError(f"params key 'space.blocks' has keys {list(space.blocks)} but the teacher "
                           f"(teacher.boundaries) has {num_blocks} blocks: use exactly {expected}")
     for name, block in space.blocks.items():
         key = f"space.blocks.{name}"
@@ -272,9 +272,9 @@ def _check_width(key: str, width: int) -> None:
                           f"the cost model)")
 
 
-def load_teacher_split(path: Path | str | None = None) -> dict[str, Any]:
+def load_teacher_blocks(path: Path | str | None = None) -> dict[str, Any]:
     """The teacher's ``blocks.json`` (written by the ``teacher`` stage)."""
-    path = Path(path) if path is not None else repo_root() / TEACHER_SPLIT
+    path = Path(path) if path is not None else repo_root() / TEACHER_BLOCKS
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -293,9 +293,9 @@ def _stride(name: str, in_size: Sequence[int], out_size: Sequence[int], allowed:
                       f"stride in {list(allowed)} can match: choose other teacher.boundaries")
 
 
-def build_space(space: Space, teacher_split: Mapping[str, Any]) -> SpaceSpec:
-    """Lay the ``space`` params over the teacher's block split; errors name the block and the fix."""
-    tblocks = teacher_split["blocks"]
+def build_space(space: Space, teacher_blocks: Mapping[str, Any]) -> SpaceSpec:
+    """Lay the ``space`` params over the teacher's blocks; errors name the block and the fix."""
+    tblocks = teacher_blocks["blocks"]
     check_space(space, len(tblocks))
     names = [b["name"] for b in tblocks]
     if names != list(space.blocks):
@@ -325,7 +325,7 @@ def build_space(space: Space, teacher_split: Mapping[str, Any]) -> SpaceSpec:
                                 stem=stem if index == 0 else None))
         student_in = params.width
     return SpaceSpec(blocks=tuple(blocks), stem=stem, head=space.head,
-                     num_classes=int(teacher_split["num_classes"]), act=space.act)
+                     num_classes=int(teacher_blocks["num_classes"]), act=space.act)
 
 
 def _cell(index: int, depth: int, width: int, named: bool, space: Space, *, teacher_in: int, teacher_out: int,
@@ -452,10 +452,10 @@ def fixed_parts_cost(spec: SpaceSpec) -> Cost:
     return stem + head_cost + module_cost(nn.Linear(head, spec.num_classes), (head,))
 
 
-def fixed_cost(params: Params, metric: str, teacher_split: Mapping[str, Any] | None = None) -> float:
+def fixed_cost(params: Params, metric: str, teacher_blocks: Mapping[str, Any] | None = None) -> float:
     """Cost of the unsearched parts (stem, head, classifier) in ``metric`` (params | flops).
 
-    Reads the teacher's ``blocks.json`` (spatial sizes, classes) unless ``teacher_split`` is given.
+    Reads the teacher's ``blocks.json`` (spatial sizes, classes) unless ``teacher_blocks`` is given.
     """
-    split = teacher_split if teacher_split is not None else load_teacher_split()
+    split = teacher_blocks if teacher_blocks is not None else load_teacher_blocks()
     return fixed_parts_cost(build_space(params.space, split)).metric(metric)

@@ -86,7 +86,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise TeacherError(f"teacher checkpoint {path} does not fit {type(model).__name__}: {first}") from None
 
 
-# ---------------------------------------------------------------- block split
+# ---------------------------------------------------------------- cutting into blocks
 
 
 class _Recorder:
@@ -191,7 +191,7 @@ def check_resolution(model: nn.Module, in_chans: int, image_size: int) -> None:
                        "(teacher.stem_stride, teacher.stem_pool=false, another teacher.name)")
 
 
-def block_split(model: nn.Module, boundaries: list[int], in_chans: int, image_size: int) -> list[dict]:
+def cut_blocks(model: nn.Module, boundaries: list[int], in_chans: int, image_size: int) -> list[dict]:
     """Per block: teacher modules, channels, stride and map sizes at the configured image size."""
     info = model.feature_info
     entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)

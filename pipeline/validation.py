@@ -351,7 +351,7 @@ def train_unit(job: Job) -> dict[str, Any]:
     from pipeline import runtime, student
     from pipeline.data import Split, load_meta, load_split
     from pipeline.retrain import record_epoch
-    from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
+    from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
     from pipeline.train import evaluate, fit
 
     done = finished(job)
@@ -360,7 +360,7 @@ def train_unit(job: Job) -> dict[str, Any]:
     params, cfg, rt = job.params, job.params.validate, job.params.runtime
     prepared = job.root / "data/prepared"
     meta = load_meta(prepared)
-    spec = build_space(params.space, load_teacher_split(job.root / TEACHER_SPLIT))
+    spec = build_space(params.space, load_teacher_blocks(job.root / TEACHER_BLOCKS))
     choice = dict(zip([b.name for b in spec.blocks], job.arch.candidates, strict=True))
     device = runtime.select_device(rt)
     if device.type == "cpu":

@@ -17,14 +17,14 @@ import mlflow
 
 from pipeline import cli, costs, latency, tracking
 from pipeline.config import Params, as_dict, repo_root
-from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
+from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
 
 log = logging.getLogger("stages.costs")
 
 
 def run(params: Params) -> costs.CostTables:
     root, cfg = repo_root(), params.costs
-    split = load_teacher_split(root / TEACHER_SPLIT)
+    split = load_teacher_blocks(root / TEACHER_BLOCKS)
     spec = build_space(params.space, split)
     channels_last = params.runtime.channels_last
     fingerprint = costs.fingerprint(cfg, channels_last)  # fails before any timing on a missing device or backend

@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 from pipeline import checkpoint, cli, retrain, runtime, student, tracking
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.data import load_meta, load_split, normalize, prepared_identity
-from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
+from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
 from pipeline.teacher import load_teacher, weights_hash
 from pipeline.train import evaluate, fit
 
@@ -37,7 +37,7 @@ log = logging.getLogger("stages.retrain")
 def run(params: Params) -> dict[str, float]:
     root, cfg, rt = repo_root(), params.retrain, params.runtime
     meta = load_meta(root / PREPARED)
-    spec = build_space(params.space, load_teacher_split(root / TEACHER_SPLIT))
+    spec = build_space(params.space, load_teacher_blocks(root / TEACHER_BLOCKS))
     runtime.seed_everything(params.seed)
     built = student.from_architecture(root / params.search.out_dir / student.ARCHITECTURE, spec, meta, params.search,
                                       cfg.drop_rate, cfg.drop_path)  # every check runs before any training

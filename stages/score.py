@@ -27,7 +27,7 @@ from pipeline.scoring import (
     summary,
     write_table,
 )
-from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
+from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
 from pipeline.supernet import (
     BlockData,
     SupernetBlock,
@@ -44,7 +44,7 @@ log = logging.getLogger("stages.score")
 
 def run(params: Params, block: str) -> dict[str, float]:
     root = repo_root()
-    spec = build_space(params.space, load_teacher_split(root / TEACHER_SPLIT)).block(block)
+    spec = build_space(params.space, load_teacher_blocks(root / TEACHER_BLOCKS)).block(block)
     device = runtime.select_device(params.runtime)
     cache = FeatureCache(root / FEATURES)
     weights = checkpoint_path(root, block)

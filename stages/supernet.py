@@ -21,7 +21,7 @@ from pipeline import cli, runtime, tracking
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.features import FeatureCache
 from pipeline.records import write_metrics
-from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
+from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
 from pipeline.supernet import (
     BlockCheckpoint,
     BlockData,
@@ -40,7 +40,7 @@ log = logging.getLogger("stages.supernet")
 
 def run(params: Params, block: str) -> list[dict[str, float]]:
     root = repo_root()
-    spec = build_space(params.space, load_teacher_split(root / TEACHER_SPLIT)).block(block)
+    spec = build_space(params.space, load_teacher_blocks(root / TEACHER_BLOCKS)).block(block)
     runtime.init_distributed()
     device = runtime.select_device(params.runtime)
     runtime.seed_everything(params.seed)

@@ -9,7 +9,7 @@ from pipeline.config import Params, as_dict, repo_root
 from pipeline.data import load_meta, load_split, prepared_identity
 from pipeline.records import append_row, write_metrics
 from pipeline.runtime import loop_for, seed_everything, select_device, to_device_model
-from pipeline.teacher import block_split, create_teacher, load_weights, save_teacher
+from pipeline.teacher import create_teacher, cut_blocks, load_weights, save_teacher
 from pipeline.train import evaluate, fit
 
 PREPARED, OUT, CKPT = "data/prepared", "artifacts/teacher", "checkpoints/teacher.pt"
@@ -23,7 +23,7 @@ def run(params: Params) -> None:
     splits = {s: load_split(root / PREPARED, s) for s in ("train", "val", "test")}
     seed_everything(params.seed)
     model = create_teacher(cfg, meta["in_chans"], meta["num_classes"])
-    blocks = block_split(model, cfg.boundaries, meta["in_chans"], meta["image_size"])  # fails before training
+    blocks = cut_blocks(model, cfg.boundaries, meta["in_chans"], meta["image_size"])  # fails before training
     device = select_device(params.runtime)
     model = to_device_model(model, device, params.runtime.channels_last)
     loop = loop_for(params.runtime, device, params.seed)

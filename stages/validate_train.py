@@ -26,7 +26,7 @@ from pipeline import cli, student, tracking, validation
 from pipeline.checkpoint import atomic
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.data import load_meta
-from pipeline.space import TEACHER_SPLIT, build_space, load_teacher_split
+from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
 
 OUT = Path("artifacts/validate")
 SAMPLE = "dvc repro validate/dvc.yaml:validate_sample"
@@ -38,7 +38,7 @@ def run(params: Params) -> list[dict[str, Any]]:
     root, v = repo_root(), params.validate
     archs = validation.read_sampled(root / OUT / "archs.json")
     load_meta(root / "data/prepared")  # missing or stale inputs fail here, in one line, not in a worker
-    spec = build_space(params.space, load_teacher_split(root / TEACHER_SPLIT))
+    spec = build_space(params.space, load_teacher_blocks(root / TEACHER_BLOCKS))
     for a in archs:
         student.choice_of({"candidates": list(a.candidates)}, spec, str(OUT / "archs.json"), SAMPLE)
     workers = min(v.workers, len(archs) * v.seeds)

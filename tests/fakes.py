@@ -30,7 +30,7 @@ from pipeline.config import Params, Teacher, as_dict, validate
 from pipeline.data import Split
 from pipeline.features import FeatureCache, write_features
 from pipeline.smoke import OVERLAY as SMOKE_OVERLAY
-from pipeline.teacher import block_split, create_teacher, save_teacher
+from pipeline.teacher import create_teacher, cut_blocks, save_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 CHANNELS, SIZES = (1, 8, 16, 16), (16, 8, 4, 2)
@@ -67,7 +67,7 @@ class TinyTeacher(torch.nn.Module):
         return outs
 
 
-def teacher_split() -> dict:
+def teacher_blocks() -> dict:
     """blocks.json of the tiny teacher, in the teacher stage's format."""
     return {"teacher": "tiny", "image_size": SIZES[0], "in_chans": 1, "num_classes": 10,
             "blocks": [{"name": name, "boundary": i + 1, "modules": [f"stages.{i}"], "in_channels": CHANNELS[i],
@@ -114,7 +114,7 @@ def make_block_root(root: Path, n_train: int = 256, n_val: int = 64, overrides: 
     (root / "params.yaml").write_text(OmegaConf.to_yaml(tiny_yaml(overrides)))
     teacher = root / "artifacts/teacher"
     teacher.mkdir(parents=True, exist_ok=True)
-    (teacher / "blocks.json").write_text(json.dumps(teacher_split()))
+    (teacher / "blocks.json").write_text(json.dumps(teacher_blocks()))
     write_cache(root / "artifacts/features", n_train, n_val)
     return root
 
@@ -132,7 +132,7 @@ def copy_root(src: Path, dest: Path) -> Path:
     return dest
 
 
-def resnet18_split() -> dict:
+def resnet18_blocks() -> dict:
     """The default teacher's split: narrow resnet18 at 28 px, layer1..layer4 (32/64/128/256 channels)."""
     chans, sizes = [1, 32, 64, 128, 256], [28, 14, 7, 4, 2]
     return {"teacher": "resnet18", "image_size": 28, "in_chans": 1, "num_classes": 10,
@@ -178,7 +178,7 @@ def write_prepared(out: Path, seed: int = 0) -> dict:
 def write_teacher(out: Path) -> dict:
     """A real timm teacher (untrained) and its blocks.json, as the teacher stage writes them."""
     model = create_teacher(TEACHER, 1, 10)
-    blocks = block_split(model, TEACHER.boundaries, 1, SIZES[0])
+    blocks = cut_blocks(model, TEACHER.boundaries, 1, SIZES[0])
     split = {"teacher": TEACHER.name, "config": as_dict(TEACHER), "image_size": SIZES[0], "in_chans": 1,
              "num_classes": 10, "blocks": blocks}
     save_teacher(model, split, out)

@@ -436,7 +436,7 @@ def stage_root(repo_copy, mlflow_uri, monkeypatch):
     from pipeline import space
 
     write_tables(repo_copy / "artifacts" / "scores", synthetic_tables(seed=0))
-    spec = space.build_space(load_params([], root=repo_copy).space, teacher_split())
+    spec = space.build_space(load_params([], root=repo_copy).space, teacher_blocks())
     write_counted_costs(repo_copy / "artifacts" / "costs", spec)
     monkeypatch.chdir(repo_copy)
     monkeypatch.delenv("DVC_ROOT", raising=False)
@@ -491,7 +491,7 @@ def test_bad_search_params_name_the_key(override, key):
         load_params([override], root=REPO)
 
 
-def teacher_split() -> dict:
+def teacher_blocks() -> dict:
     """blocks.json of the default teacher (narrow ResNet-18 on 28 px Fashion-MNIST, no stem pool)."""
     sizes, chans = [28, 14, 7, 4, 2], [1, 32, 64, 128, 256]
     return {"teacher": "resnet18", "num_classes": 10, "in_chans": 1, "image_size": 28, "blocks": [
@@ -506,10 +506,10 @@ def test_pipeline_mode_uses_the_space(stage_root):
     from stages import assemble as stage
 
     (stage_root / "artifacts" / "teacher").mkdir(parents=True)
-    (stage_root / "artifacts" / "teacher" / "blocks.json").write_text(json.dumps(teacher_split()))
+    (stage_root / "artifacts" / "teacher" / "blocks.json").write_text(json.dumps(teacher_blocks()))
     params = load_params(["search.top_k=3", "search.method=optuna", "search.trials=30",
                           "search.storage=study.journal"], root=stage_root)
-    spec = space.build_space(params.space, teacher_split())
+    spec = space.build_space(params.space, teacher_blocks())
     fixed = space.fixed_parts_cost(spec)
     stage.run(params)
     arch = json.loads((stage_root / "artifacts" / "search" / "architecture.json").read_text())
@@ -530,7 +530,7 @@ def test_pipeline_mode_rejects_foreign_tables(stage_root, tmp_path):
     from stages import assemble as stage
 
     (stage_root / "artifacts" / "teacher").mkdir(parents=True)
-    (stage_root / "artifacts" / "teacher" / "blocks.json").write_text(json.dumps(teacher_split()))
+    (stage_root / "artifacts" / "teacher" / "blocks.json").write_text(json.dumps(teacher_blocks()))
     table = stage_root / "artifacts" / "scores" / "b2.csv"
     table.write_text(table.read_text().replace("k3e3-k3e3-k3e3,", "k9e9-k3e3-k3e3,"))
     with pytest.raises(AssemblyError, match=r"b2.csv: 'k9e9-k3e3-k3e3' is not a candidate of block b2"):

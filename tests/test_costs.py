@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from pipeline import costs, latency, space
 from pipeline.checkpoint import ArtifactError
 from pipeline.config import ConfigError, Costs
-from tests.fakes import TEACHER, load_stage, params_at, teacher_split, tiny_params, tiny_yaml
+from tests.fakes import TEACHER, load_stage, params_at, teacher_blocks, tiny_params, tiny_yaml
 
 FAST = ["costs.batch_sizes=[1,2]", "costs.repeats=2", "costs.warmup=1", "costs.calibrate=2",
         "teacher.kwargs.channels=[8,16,16,16]", "teacher.kwargs.stem_width=8"]
@@ -30,7 +30,7 @@ def costs_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("costs") / "root"
     (root / "artifacts/teacher").mkdir(parents=True)
     (root / "params.yaml").write_text(OmegaConf.to_yaml(tiny_yaml(FAST)))
-    (root / "artifacts/teacher/blocks.json").write_text(json.dumps(teacher_split()))
+    (root / "artifacts/teacher/blocks.json").write_text(json.dumps(teacher_blocks()))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -40,7 +40,7 @@ def costs_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def _spec(overrides=()) -> space.SpaceSpec:
-    return space.build_space(tiny_params([*FAST, *overrides]).space, teacher_split())
+    return space.build_space(tiny_params([*FAST, *overrides]).space, teacher_blocks())
 
 
 def _copy(costs_root: Path, tmp_path: Path) -> Path:
@@ -91,7 +91,7 @@ def test_missing_cuda_fails_before_timing() -> None:
 def test_tables_count_exactly_and_sum_their_layers() -> None:
     spec = _spec(["space.identity=true"])  # a skip op inside b1's 3-layer cell: it adds nothing
     cfg = tiny_params(FAST).costs
-    teacher = latency.teacher_item(TEACHER, teacher_split())
+    teacher = latency.teacher_item(TEACHER, teacher_blocks())
     tables, _ = latency.measure_space(spec, cfg, True, teacher=teacher)
     assert tables.metrics == ["params", "flops", "latency_b1", "latency_b2"]
     for block in spec.blocks:

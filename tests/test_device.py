@@ -30,7 +30,7 @@ from pipeline.runtime import Loop
 from pipeline.space import build_space
 from pipeline.supernet import BlockCheckpoint, BlockData, SupernetBlock, feature_keys, train_block
 from pipeline.train import fit
-from tests.fakes import BLOCKS, teacher_split, tiny_params
+from tests.fakes import BLOCKS, teacher_blocks, tiny_params
 
 META = torch.device("meta")
 aten = torch.ops.aten
@@ -117,7 +117,7 @@ def test_classification_loop_keeps_every_tensor_on_the_loop_device(tmp_path: Pat
 
 def _block(name: str) -> SupernetBlock:
     torch.manual_seed(0)
-    return SupernetBlock(build_space(tiny_params().space, teacher_split()).block(name))
+    return SupernetBlock(build_space(tiny_params().space, teacher_blocks()).block(name))
 
 
 @pytest.mark.parametrize("name", ["b0", "b1"])

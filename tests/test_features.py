@@ -309,7 +309,7 @@ def _stage():
 
 
 def test_stage_caches_a_real_timm_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.teacher import block_outputs, block_split, create_teacher, save_teacher
+    from pipeline.teacher import block_outputs, create_teacher, cut_blocks, save_teacher
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
@@ -325,7 +325,7 @@ def test_stage_caches_a_real_timm_teacher(tmp_path: Path, monkeypatch: pytest.Mo
         np.save(prepared / f"{s}_labels.npy", split.labels)
     model = create_teacher(params.teacher, 1, 10).eval()
     blocks = {"teacher": params.teacher.name, "config": as_dict(params.teacher), "image_size": 12, "in_chans": 1,
-              "num_classes": 10, "blocks": block_split(model, params.teacher.boundaries, 1, 12)}
+              "num_classes": 10, "blocks": cut_blocks(model, params.teacher.boundaries, 1, 12)}
     save_teacher(model, blocks, tmp_path / "artifacts" / "teacher")
 
     _stage().run(params)

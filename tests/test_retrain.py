@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from pipeline import checkpoint, cli, retrain, space, student
 from pipeline.config import load_params
 from pipeline.supernet import SupernetBlock
-from tests.fakes import OP_EXAMPLES, REPO, copy_root, params_at, rotating_choice, teacher_split, tiny_params
+from tests.fakes import OP_EXAMPLES, REPO, copy_root, params_at, rotating_choice, teacher_blocks, tiny_params
 
 
 # -------------------------------------------------------------------------------------------- pieces
@@ -77,7 +77,7 @@ def _student(spec: space.SpaceSpec, choice: dict[str, str]) -> torch.nn.Module:
 @pytest.fixture
 def supernets(tmp_path: Path) -> tuple[Path, space.SpaceSpec, dict[str, str], dict[str, SupernetBlock]]:
     """Block b2 is 24 wide in the student but ends at the teacher's 16 channels in the supernet (channel matching)."""
-    spec = space.build_space(tiny_params(["space.identity=true", "space.blocks.b2.width=24"]).space, teacher_split())
+    spec = space.build_space(tiny_params(["space.identity=true", "space.blocks.b2.width=24"]).space, teacher_blocks())
     choice = {"b0": "k5e6-k3e3", "b1": "d3w8:k3e3-skip-k5e6", "b2": "k3e3-k5e6"}
     return tmp_path, spec, choice, _finished_supernets(tmp_path, spec)
 
@@ -103,7 +103,7 @@ def test_supernet_init_copies_the_chosen_paths_where_shapes_match(supernets) -> 
 def test_supernet_init_inherits_every_op_type(tmp_path: Path, ops: list[str]) -> None:
     """Each op type's supernet path runs and reaches the student; the mixed space puts every type into one path.
     b1's middle layer has the same channels in search and student (8 -> 8), so all of its tensors are copied."""
-    spec = space.build_space(tiny_params([f"space.ops=[{','.join(ops)}]"]).space, teacher_split())
+    spec = space.build_space(tiny_params([f"space.ops=[{','.join(ops)}]"]).space, teacher_blocks())
     choice = rotating_choice(spec)
     nets = _finished_supernets(tmp_path, spec)
     for block in spec.blocks:

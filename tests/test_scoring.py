@@ -20,8 +20,8 @@ from tests.fakes import (
     REPO,
     copy_root,
     load_stage,
-    resnet18_split,
-    teacher_split,
+    resnet18_blocks,
+    teacher_blocks,
     tiny_params,
 )
 
@@ -31,7 +31,7 @@ INPUTS = {"b0": (1, 16, 16), "b1": (8, 8, 8), "b2": (16, 4, 4)}
 def _random_supernet(name: str, seed: int, overrides: list[str]) -> SupernetBlock:
     """Random weights and random target statistics: every candidate computes something different."""
     torch.manual_seed(seed)
-    net = SupernetBlock(build_space(tiny_params(overrides).space, teacher_split()).block(name))
+    net = SupernetBlock(build_space(tiny_params(overrides).space, teacher_blocks()).block(name))
     for p in net.parameters():
         p.data.normal_(0, 0.5)
     net.set_target_stats(torch.rand(net.block.out_chs), torch.rand(net.block.out_chs) + 0.5)
@@ -64,12 +64,12 @@ def test_prefix_shared_scores_equal_naive_scores(seed: int, overrides: list[str]
 def test_theoretical_speedup_limit_counts_distinct_prefixes() -> None:
     def limit(layers: int) -> float:
         params = load_params([f"space.blocks.b1.cells=[{{layers:{layers}}}]"], root=REPO)
-        naive, prefix = scoring.layer_evaluations(build_space(params.space, resnet18_split()).block("b1"))
+        naive, prefix = scoring.layer_evaluations(build_space(params.space, resnet18_blocks()).block("b1"))
         return naive / prefix
 
     assert limit(3) == pytest.approx(648 / 258) and round(limit(3), 1) == 2.5
     assert round(limit(4), 1) == 3.3
-    b0 = build_space(load_params(root=REPO).space, resnet18_split()).block("b0")
+    b0 = build_space(load_params(root=REPO).space, resnet18_blocks()).block("b0")
     assert scoring.layer_evaluations(b0) == (36 * 3, 1 + 6 + 36)  # the stem is a shared prefix too
 
 
@@ -135,7 +135,7 @@ def test_score_stage_writes_the_table_contract(block_root: Path, tmp_path: Path,
     table = root / "artifacts/scores/b1.csv"
     with table.open() as f:
         rows = list(csv.DictReader(f))
-    block = build_space(params.space, teacher_split()).block("b1")
+    block = build_space(params.space, teacher_blocks()).block("b1")
     assert list(rows[0]) == ["candidate", "score", "mse"]  # costs: the costs stage, from the space alone
     assert [r["candidate"] for r in rows] == list(block.candidates())
     assert all(float(r["score"]) > 0 and float(r["mse"]) > 0 for r in rows)

@@ -15,7 +15,7 @@ from timm.models.efficientnet import EfficientNet
 from pipeline import space
 from pipeline.checkpoint import ArtifactError
 from pipeline.config import ConfigError, load_params
-from tests.fakes import EVERY_OP, OP_EXAMPLES, REPO, resnet18_split, rotating_choice, teacher_split, tiny_params
+from tests.fakes import EVERY_OP, OP_EXAMPLES, REPO, resnet18_blocks, rotating_choice, teacher_blocks, tiny_params
 
 
 @pytest.mark.parametrize("name", ["k3e3", "k3e6", "k5e3", "k5e6", "k7e3", "k7e6", "k9e1"])
@@ -96,17 +96,17 @@ def test_bad_space_fails_at_config_time_naming_the_key(override: str, key: str) 
     (lambda s: s["blocks"][1].update(in_size=[14, 14], out_size=[4, 4]), "no student layer stride"),
     (lambda s: s["blocks"][0].update(out_size=[3, 3]), "no student layer stride"),
     (lambda s: s["blocks"][2].update(name="c2"), "dvc repro teacher"),
-    (lambda s: s["blocks"].pop(), "teacher split"),
+    (lambda s: s["blocks"].pop(), r"but the teacher \(teacher.boundaries\) has 3 blocks"),
 ])
-def test_teacher_split_the_space_cannot_fit_is_a_config_error(damage, words: str) -> None:
-    split = resnet18_split()
-    damage(split)
+def test_teacher_blocks_the_space_cannot_fit_are_a_config_error(damage, words: str) -> None:
+    blocks = resnet18_blocks()
+    damage(blocks)
     with pytest.raises(ConfigError, match=words):
-        space.build_space(load_params(root=REPO).space, split)
+        space.build_space(load_params(root=REPO).space, blocks)
 
 
 def test_default_geometry_matches_channel_matching_rule() -> None:
-    spec = space.build_space(load_params(root=REPO).space, resnet18_split())
+    spec = space.build_space(load_params(root=REPO).space, resnet18_blocks())
     b0, b1 = spec.blocks[0], spec.blocks[1]
     assert spec.stem.stride == 2 and b0.stem is not None and b1.stem is None
     assert [(la.in_chs, la.out_chs, la.stride) for la in b1.cells[0].layers] == [(32, 32, 2), (32, 32, 1), (32, 64, 1)]
@@ -115,7 +115,7 @@ def test_default_geometry_matches_channel_matching_rule() -> None:
 
 
 def test_candidate_ids_are_readable_complete_and_round_trip() -> None:
-    spec = space.build_space(tiny_params(["space.identity=true"]).space, teacher_split())
+    spec = space.build_space(tiny_params(["space.identity=true"]).space, teacher_blocks())
     b1 = spec.block("b1")
     ids = list(b1.candidates())
     assert len(ids) == len(set(ids)) == b1.num_candidates() == 2 * 3 * 2 + 2
@@ -130,17 +130,17 @@ def test_candidate_ids_are_readable_complete_and_round_trip() -> None:
 
 
 def test_identity_is_offered_only_strictly_inside_a_cell() -> None:
-    spec = space.build_space(tiny_params(["space.identity=true"]).space, teacher_split())
+    spec = space.build_space(tiny_params(["space.identity=true"]).space, teacher_blocks())
     choices = [la.choices for la in spec.block("b1").cells[0].layers]
     assert "skip" not in choices[0] and "skip" in choices[1] and "skip" not in choices[2]
 
 
 def test_candidate_arch_strings_decode_in_timm() -> None:
-    spec = space.build_space(tiny_params(["space.identity=true"]).space, teacher_split())
+    spec = space.build_space(tiny_params(["space.identity=true"]).space, teacher_blocks())
     arch = space.candidate_arch(spec.block("b1"), "d3w8:k5e6-skip-k3e3")
     assert arch == ["ir_r1_k5_s2_e6_c8_se0.25", "ir_r1_k3_s1_e3_c16_se0.25"]
     assert decode_arch_def([arch])[0][0]["dw_kernel_size"] == 5
-    mixed = space.build_space(tiny_params(["space.ops=[k3e3,k5e6_nose,er_k3e4]"]).space, teacher_split())
+    mixed = space.build_space(tiny_params(["space.ops=[k3e3,k5e6_nose,er_k3e4]"]).space, teacher_blocks())
     arch = space.candidate_arch(mixed.block("b1"), "d3w8:er_k3e4-k5e6_nose-k3e3")
     assert arch == ["er_r1_k3_s2_e4_c8", "ir_r1_k5_s1_e6_c8", "ir_r1_k3_s1_e3_c16_se0.25"]
 
@@ -158,9 +158,9 @@ def _timm_student(spec: space.SpaceSpec, choice: dict[str, str]) -> torch.nn.Mod
 def test_cost_model_equals_a_count_of_the_timm_student(overrides: list[str], split: str) -> None:
     """Params and MACs of the timm EfficientNet built from the arch strings = fixed cost + sum of candidate costs."""
     if split == "resnet18":
-        params, tsplit = load_params(overrides, root=REPO), resnet18_split()
+        params, tsplit = load_params(overrides, root=REPO), resnet18_blocks()
     else:
-        params, tsplit = tiny_params(overrides), teacher_split()
+        params, tsplit = tiny_params(overrides), teacher_blocks()
     spec = space.build_space(params.space, tsplit)
     rng = random.Random(0)
     drawn = [{b.name: rng.choice(list(b.candidates())) for b in spec.blocks} for _ in range(2)]
@@ -179,7 +179,7 @@ def test_fixed_cost_reads_the_teacher_split_or_says_how_to_build_it(tmp_path, mo
     with pytest.raises(ArtifactError, match="dvc repro teacher"):
         space.fixed_cost(params, "params")
     (tmp_path / "artifacts/teacher").mkdir(parents=True)
-    (tmp_path / "artifacts/teacher/blocks.json").write_text(json.dumps(teacher_split()))
-    assert space.fixed_cost(params, "flops") == space.fixed_cost(params, "flops", teacher_split()) > 0
+    (tmp_path / "artifacts/teacher/blocks.json").write_text(json.dumps(teacher_blocks()))
+    assert space.fixed_cost(params, "flops") == space.fixed_cost(params, "flops", teacher_blocks()) > 0
     with pytest.raises(ConfigError, match="params or flops"):
         space.fixed_cost(params, "latency")

@@ -20,9 +20,9 @@ from pipeline.config import Search, load_params
 from tests.fakes import (
     EVERY_OP,
     REPO,
-    resnet18_split,
+    resnet18_blocks,
     rotating_choice,
-    teacher_split,
+    teacher_blocks,
     tiny_params,
     write_counted_costs,
     write_scores,
@@ -46,9 +46,9 @@ def _assemble(tmp_path: Path, overrides: list[str], split: dict) -> tuple[dict, 
     return assembly.summary(assembly.assemble(prob, params.search), params.search), spec
 
 
-def _stride1_split() -> dict:
+def _stride1_blocks() -> dict:
     """The tiny split with a first block that keeps the image size: the student's stem must get stride 1."""
-    split = teacher_split()
+    split = teacher_blocks()
     sizes = [16, 16, 8, 4]
     for i, block in enumerate(split["blocks"]):
         block.update(in_size=[sizes[i]] * 2, out_size=[sizes[i + 1]] * 2, stride=1 if i == 0 else 2)
@@ -56,9 +56,9 @@ def _stride1_split() -> dict:
 
 
 @pytest.mark.parametrize("overrides, split", [
-    (["search.metric=params", "search.budget=15000"], teacher_split()),
-    (["search.metric=flops", "search.budget=250000", "space.identity=true", "space.head=0"], teacher_split()),
-    (["search.metric=params"], _stride1_split()),
+    (["search.metric=params", "search.budget=15000"], teacher_blocks()),
+    (["search.metric=flops", "search.budget=250000", "space.identity=true", "space.head=0"], teacher_blocks()),
+    (["search.metric=params"], _stride1_blocks()),
 ])
 def test_student_costs_exactly_what_the_assembly_predicted(tmp_path: Path, overrides: list[str], split: dict) -> None:
     architecture, spec = _assemble(tmp_path, overrides, split)
@@ -79,7 +79,7 @@ def test_student_costs_exactly_what_the_assembly_predicted(tmp_path: Path, overr
 
 def test_default_space_student_matches_the_cost_model() -> None:
     """The default config's geometry (28 px, stem stride 2, four blocks) through the same path."""
-    params, split = load_params(root=REPO), resnet18_split()
+    params, split = load_params(root=REPO), resnet18_blocks()
     spec = space.build_space(params.space, split)
     choice = {b.name: list(b.candidates())[-1] for b in spec.blocks}
     model = student.create(student.model_args(spec, choice), {**META, "image_size": 28})
@@ -91,7 +91,7 @@ def test_default_space_student_matches_the_cost_model() -> None:
 def test_every_op_type_builds_the_searched_layers_exports_and_reloads(tmp_path: Path) -> None:
     """A student mixing every op type: each timm block is the space's layer at student widths (module, params,
     cost), and the export reloads to the same outputs."""
-    spec = space.build_space(tiny_params([EVERY_OP]).space, teacher_split())
+    spec = space.build_space(tiny_params([EVERY_OP]).space, teacher_blocks())
     choice = rotating_choice(spec)
     model = student.create(student.model_args(spec, choice), META).eval()
     for stage, block in enumerate(spec.blocks):
@@ -120,7 +120,7 @@ def test_dna_student_is_a_timm_registry_model() -> None:
 # -------------------------------------------------------------------------------------------- bad input
 @pytest.fixture
 def good(tmp_path: Path) -> tuple[dict, space.SpaceSpec]:
-    return _assemble(tmp_path, ["search.metric=params", "search.budget=15000"], teacher_split())
+    return _assemble(tmp_path, ["search.metric=params", "search.budget=15000"], teacher_blocks())
 
 
 @pytest.mark.parametrize("damage, words", [

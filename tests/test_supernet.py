@@ -40,8 +40,8 @@ from tests.fakes import (
     REPO,
     copy_root,
     load_stage,
-    resnet18_split,
-    teacher_split,
+    resnet18_blocks,
+    teacher_blocks,
     tiny_params,
 )
 
@@ -60,10 +60,10 @@ def _randomise_bn(net: torch.nn.Module, seed: int) -> None:
 @pytest.mark.parametrize("which", ["default", "tiny-identity-cells"])
 def test_supernet_path_equals_standalone_candidate_with_the_same_weights(which: str) -> None:
     if which == "default":
-        spec = build_space(load_params(root=REPO).space, resnet18_split())
+        spec = build_space(load_params(root=REPO).space, resnet18_blocks())
         inputs = {"b0": (1, 28, 28), "b1": (32, 14, 14), "b2": (64, 7, 7), "b3": (128, 4, 4)}
     else:
-        spec = build_space(tiny_params(["space.identity=true"]).space, teacher_split())
+        spec = build_space(tiny_params(["space.identity=true"]).space, teacher_blocks())
         inputs = {"b0": (1, 16, 16), "b1": (8, 8, 8), "b2": (16, 4, 4)}
     rng = random.Random(0)
     for block in spec.blocks:
@@ -82,7 +82,7 @@ def test_supernet_path_equals_standalone_candidate_with_the_same_weights(which: 
 
 
 def test_uniform_sampler_covers_every_candidate_evenly() -> None:
-    block = build_space(tiny_params().space, teacher_split()).block("b1")
+    block = build_space(tiny_params().space, teacher_blocks()).block("b1")
     sampler = PathSampler(block, "uniform", np.random.default_rng(0))
     counts = Counter(sampler() for _ in range(5000))
     assert set(counts) == set(block.candidates())
@@ -91,7 +91,7 @@ def test_uniform_sampler_covers_every_candidate_evenly() -> None:
 
 
 def test_fair_sampler_gives_each_op_once_per_layer_every_round() -> None:
-    block = build_space(tiny_params(["space.ops=[k3e3,k5e3,k5e6]"]).space, teacher_split()).block("b0")
+    block = build_space(tiny_params(["space.ops=[k3e3,k5e3,k5e6]"]).space, teacher_blocks()).block("b0")
     sampler = PathSampler(block, "fair", np.random.default_rng(0))
     for _ in range(4):
         paths = [block.parse(sampler())[1] for _ in range(3)]
@@ -100,7 +100,7 @@ def test_fair_sampler_gives_each_op_once_per_layer_every_round() -> None:
 
 
 def test_recalibrate_bn_sets_exact_batch_statistics() -> None:
-    block = build_space(tiny_params().space, teacher_split()).block("b1")
+    block = build_space(tiny_params().space, teacher_blocks()).block("b1")
     path = SupernetBlock(block).path("d1w16:k3e3")
     x = torch.randn(32, 8, 8, 8) * 3 + 1
     recalibrate_bn(path, x)
@@ -119,7 +119,7 @@ class Stop(Exception):
 def _train(cache: FeatureCache, ckpt: Path, name: str = "b1", epochs: int = 3, stop_after: int = 0,
            standardise: bool = False, **overrides: object) -> tuple[SupernetBlock, list[dict]]:
     params = tiny_params([f"supernet.epochs={epochs}", *(f"supernet.{k}={v}" for k, v in overrides.items())])
-    spec = build_space(params.space, teacher_split()).block(name)
+    spec = build_space(params.space, teacher_blocks()).block(name)
     torch.manual_seed(0)
     net = SupernetBlock(spec)
     if standardise:
@@ -163,7 +163,7 @@ def test_standardised_targets_train_in_standard_units_and_predict_in_teacher_uni
 def test_unsampled_ops_are_never_updated(tiny_cache: FeatureCache, tmp_path: Path) -> None:
     """Adam with set_to_none: an op that no step sampled keeps its initial weights (no decay drift)."""
     params = tiny_params(["supernet.epochs=1", "supernet.train_samples=16"])  # exactly one step
-    block = build_space(params.space, teacher_split()).block("b1")
+    block = build_space(params.space, teacher_blocks()).block("b1")
     net = SupernetBlock(block)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     loop = runtime.Loop(torch.device("cpu"), channels_last=False, progress=False)
@@ -198,7 +198,7 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_cache: FeatureCache, t
 
 def test_load_trained_rejects_missing_unfinished_foreign_and_corrupt(tiny_cache: FeatureCache,
                                                                     tmp_path: Path) -> None:
-    net = SupernetBlock(build_space(tiny_params().space, teacher_split()).block("b1"))
+    net = SupernetBlock(build_space(tiny_params().space, teacher_blocks()).block("b1"))
     rebuild = "dvc repro supernet@b1"
     with pytest.raises(checkpoint.ArtifactError, match="missing: rebuild it with `dvc repro supernet@b1`"):
         load_trained(tmp_path / "none.pt", net, "fp", rebuild)
@@ -251,7 +251,7 @@ def test_ddp_two_cpu_processes_train_a_block_that_scoring_loads(block_root: Path
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count("epoch 1/1: train") == 1  # only rank 0 logs and writes
     params = load_params(["supernet.epochs=1"], root=root)
-    net = SupernetBlock(build_space(params.space, teacher_split()).block("b1"))
+    net = SupernetBlock(build_space(params.space, teacher_blocks()).block("b1"))
     from pipeline.supernet import fingerprint
 
     state = load_trained(checkpoint_path(root, "b1"), net, fingerprint(params, "b1", FeatureCache(

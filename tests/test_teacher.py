@@ -8,8 +8,8 @@ from pipeline.config import Teacher
 from pipeline.teacher import (
     TeacherError,
     block_outputs,
-    block_split,
     create_teacher,
+    cut_blocks,
     load_teacher,
     load_weights,
     save_teacher,
@@ -24,7 +24,7 @@ def small_resnet() -> Teacher:
 def test_resnet_split_channels_strides_sizes():
     cfg = small_resnet()
     model = create_teacher(cfg, in_chans=1, num_classes=10)
-    blocks = block_split(model, cfg.boundaries, in_chans=1, image_size=28)
+    blocks = cut_blocks(model, cfg.boundaries, in_chans=1, image_size=28)
     assert [b["out_channels"] for b in blocks] == [8, 16, 16, 32]
     assert [b["in_channels"] for b in blocks] == [1, 8, 16, 16]
     assert [b["out_size"] for b in blocks] == [[14, 14], [7, 7], [4, 4], [2, 2]]
@@ -37,7 +37,7 @@ def test_mobilenet_split_and_outputs_match_timm_features():
 
     cfg = Teacher(name="mobilenetv3_small_050", boundaries=[1, 2, 3, 4])
     model = create_teacher(cfg, in_chans=3, num_classes=10).eval()
-    blocks = block_split(model, cfg.boundaries, in_chans=3, image_size=64)
+    blocks = cut_blocks(model, cfg.boundaries, in_chans=3, image_size=64)
     assert len(blocks) == 4
     assert all(b["modules"] and all(m.startswith(("conv_stem", "bn1", "blocks.")) for m in b["modules"])
                for b in blocks)
@@ -62,7 +62,7 @@ def test_boundary_out_of_range_lists_stages():
     cfg = small_resnet()
     model = create_teacher(cfg, 1, 10)
     with pytest.raises(TeacherError, match="layer4"):
-        block_split(model, [1, 9], 1, 28)
+        cut_blocks(model, [1, 9], 1, 28)
 
 
 def test_checkpoint_formats_and_corruption(tmp_path):
@@ -82,7 +82,7 @@ def test_checkpoint_formats_and_corruption(tmp_path):
 def test_save_and_load_teacher_round_trip(tmp_path):
     cfg = small_resnet()
     model = create_teacher(cfg, 1, 10).eval()
-    blocks = block_split(model, cfg.boundaries, 1, 28)
+    blocks = cut_blocks(model, cfg.boundaries, 1, 28)
     from pipeline.config import as_dict
 
     save_teacher(model, {"teacher": cfg.name, "config": as_dict(cfg), "image_size": 28, "in_chans": 1,
@@ -101,9 +101,9 @@ def test_resolution_check_names_the_smallest_image_size():
     cfg = Teacher(name="convnext_atto", boundaries=[0, 1, 2, 3])  # stride 4 stem, then 3 x stride 2: 32 px minimum
     model = create_teacher(cfg, in_chans=3, num_classes=10)
     with pytest.raises(TeacherError) as err:
-        block_split(model, cfg.boundaries, in_chans=3, image_size=28)
+        cut_blocks(model, cfg.boundaries, in_chans=3, image_size=28)
     message = str(err.value)
     assert "\n" not in message and "data.image_size=28" in message and "data.image_size >= 32" in message
-    blocks = block_split(model, cfg.boundaries, in_chans=3, image_size=64)
+    blocks = cut_blocks(model, cfg.boundaries, in_chans=3, image_size=64)
     assert [b["out_size"] for b in blocks] == [[16, 16], [8, 8], [4, 4], [2, 2]]
-    assert model.training, "block_split leaves the model's mode as it found it"
+    assert model.training, "cut_blocks leaves the model's mode as it found it"
