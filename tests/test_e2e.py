@@ -58,6 +58,7 @@ def test_a_forced_rerun_reproduces_every_tracked_output_byte_for_byte(smoke):
     """Same inputs, same bytes: seconds and throughput stay in MLflow (``run/`` metrics), out of DVC's files, so a
     rerun from scratch leaves dvc.lock and `dvc metrics diff` unchanged (the report measures latency: not here)."""
     dest, env = smoke
+    env = {**env, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"}  # `python` = the venv's
     before = _lock_outs(dest, DETERMINISTIC)
     for path in PERSISTED:
         (dest / path).unlink()
