@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from pipeline import assembly, cli, tracking
 from pipeline.assembly import AssemblyError, ExactSearch, optuna_search, read_tables, synthetic_tables
+from pipeline.checkpoint import ArtifactError
 from pipeline.config import ConfigError, load_params
 from tests.fakes import REPO, write_counted_costs
 
@@ -539,3 +540,51 @@ def test_pipeline_mode_rejects_foreign_tables(stage_root, tmp_path):
     with pytest.raises(Exception, match="dvc repro teacher"):
         stage.run(load_params([], root=stage_root))
     assert not (stage_root / "artifacts" / "search").exists()
+
+
+def _latency_costs(root: Path, spec, fingerprint: dict) -> dict:
+    """A costs folder whose latencies follow the FLOPs (deterministic), measured 'here' per ``fingerprint``."""
+    from pipeline import costs, space
+
+    def row(cost) -> dict:
+        return {"params": float(cost.params), "flops": float(cost.flops), "latency_b1": cost.flops / 3e6,
+                "latency_b256": cost.flops / 1e5}
+
+    blocks = {b.name: {cid: row(space.candidate_cost(b, cid)) for cid in b.candidates()} for b in spec.blocks}
+    teacher = {"params": 2811274.0, "flops": 33250048.0, "latency_b1": 3.0, "latency_b256": 180.0}
+    tables = costs.CostTables(["params", "flops", "latency_b1", "latency_b256"], blocks,
+                              row(space.fixed_parts_cost(spec)), teacher, fingerprint)
+    costs.write_costs(root / "artifacts" / "costs", spec, tables)
+    return teacher
+
+
+def test_pipeline_mode_searches_measured_latency_under_limits_relative_to_the_teacher(stage_root):
+    from pipeline import costs, space
+    from stages import assemble as stage
+
+    (stage_root / "artifacts" / "teacher").mkdir(parents=True)
+    (stage_root / "artifacts" / "teacher" / "blocks.json").write_text(json.dumps(teacher_blocks()))
+    params = load_params([], root=stage_root)
+    here = costs.fingerprint(params.costs, params.runtime.channels_last)
+    teacher = _latency_costs(stage_root, space.build_space(params.space, teacher_blocks()), here)
+    search = ["search.metric=latency_b256", "search.relative=true", "search.budget=0.5", "+search.limits.latency_b1=0.8"]
+    stage.run(load_params(search, root=stage_root))
+    arch = json.loads((stage_root / "artifacts" / "search" / "architecture.json").read_text())
+    assert arch["budget"] == 0.5 * teacher["latency_b256"] and arch["limits"] == {"latency_b1": 0.8 * teacher["latency_b1"]}
+    assert arch["latency_b256"] <= arch["budget"] and arch["latency_b1"] <= arch["limits"]["latency_b1"]
+    assert arch["costs_fingerprint"] == here["id"] and arch["teacher"]["latency_b256"] == teacher["latency_b256"]
+    assert arch["search"] == {"metric": "latency_b256", "budget": 0.5, "limits": {"latency_b1": 0.8}, "relative": True}
+    front = list(csv.DictReader(open(stage_root / "artifacts" / "search" / "pareto.csv")))
+    assert front and float(front[-1]["cost"]) <= arch["budget"]  # the front in latency, within the limits
+
+    elsewhere = {**here, "device_name": "Some Other CPU"}
+    elsewhere.pop("id")
+    _latency_costs(stage_root, space.build_space(params.space, teacher_blocks()), elsewhere)
+    with pytest.raises(ArtifactError, match=r"was measured on <.*costs.accept_fingerprint=") as err:
+        stage.run(load_params(search, root=stage_root))
+    assert "Some Other CPU" in str(err.value) and "\n" not in str(err.value)
+    table_id = str(err.value).rsplit("=", 1)[1]
+    stage.run(load_params([*search, f"costs.accept_fingerprint={table_id}"], root=stage_root))  # accepted by its id
+    with pytest.raises(AssemblyError, match="infeasible"):
+        stage.run(load_params([*search[:2], "search.budget=0.01", f"costs.accept_fingerprint={table_id}"],
+                              root=stage_root))
