@@ -320,6 +320,10 @@ class ExactSearch:
     def cheapest(self) -> float:
         return self._metrics[self.metric].cheapest
 
+    def smallest(self, metric: str) -> float:
+        """The smallest total any architecture reaches in ``metric`` on its own (fixed parts included)."""
+        return self._metrics[metric].cheapest
+
     def totals(self, choice: Sequence[int]) -> dict[str, float]:
         """Every metric's total for one architecture (fixed parts included), the searched metric first."""
         return {name: summed(m.costs, self.scores, m.fixed, choice).cost for name, m in self._metrics.items()}
@@ -735,12 +739,26 @@ def assemble(prob: Problem, search: Search) -> Result:
     others = {m: ([t.cost(m) for t in prob.tables], prob.fixed[m]) for m in prob.fixed if m != prob.metric}
     exact = ExactSearch([t.cost(prob.metric) for t in prob.tables], [t.score for t in prob.tables],
                         prob.fixed[prob.metric], metric=prob.metric, others=others)
+    if search.relative:
+        _check_relative(exact, prob, search)
     best = exact.best(prob.budget, prob.limits)
     front, top = exact.front(prob.limits), exact.top_k(search.top_k, prob.budget, prob.limits)
     seconds = time.perf_counter() - start
     log.info("exact search: %d Pareto points, optimum %.6f at %s %g, in %.3f s", len(front.cost), best.score,
              prob.metric, best.cost, seconds)
     return Result(prob, front, best, top, best, None, seconds)
+
+
+def _check_relative(exact: ExactSearch, prob: Problem, search: Search) -> None:
+    """An unreachable relative budget or limit, named in the fractions the user wrote."""
+    ceilings = [("search.budget", prob.metric, search.budget)] if prob.budget else []
+    ceilings += [(f"search.limits.{m}", m, v) for m, v in search.limits.items()]
+    for key, metric, fraction in ceilings:
+        teacher, cheapest = prob.teacher[metric], exact.smallest(metric)
+        if fraction * teacher < cheapest:
+            raise AssemblyError(f"{key}={fraction:g} (x the teacher's {metric} {teacher:g}) is infeasible: the "
+                                f"cheapest architecture costs {cheapest / teacher:.4g}x the teacher's; set {key} >= "
+                                f"{cheapest / teacher:.4g}, or drop it")
 
 
 def add_optuna(result: Result, search: Search, seed: int,
