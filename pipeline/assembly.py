@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.checkpoint import atomic
-from pipeline.config import Params, Search
+from pipeline.config import COUNTED_METRICS, Params, Search
 from pipeline.errors import PipelineError
 from pipeline.tracking import log_metrics
 
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("candidate", "score")  # a table's other columns are cost metrics, but for SCORE_EXTRAS
 SCORE_EXTRAS = ("mse",)  # written by the score stage beside the score, not a cost
-COUNTED = ("params", "flops")  # every architecture.json reports these
 TABLE_GLOB = "*.csv"
 REBUILD = "dvc repro score"
 _MAX_PAIRS = 1 << 21  # pairwise sums formed per merge chunk: bounds memory to a few tens of MB
@@ -700,10 +699,10 @@ def problem(params: Params, tables: list[BlockTable], root: Path) -> Problem:
     ``candidate,score,params,flops``); it is the searched metric's fixed cost, the other metrics count the blocks.
     """
     s = params.search
-    wanted = list(dict.fromkeys([*COUNTED, s.metric, *s.limits]))
+    wanted = list(dict.fromkeys([*COUNTED_METRICS, s.metric, *s.limits]))  # counted ones always reported
     if s.fixed_cost is not None:
         fixed = {m: s.fixed_cost if m == s.metric else 0.0 for m in wanted}
-        for m in wanted[len(COUNTED):]:
+        for m in wanted[len(COUNTED_METRICS):]:
             tables[0].cost(m)  # a missing column fails here, in one line
         return Problem(tables, fixed, s.metric, s.budget or None, dict(s.limits))
     from pipeline import costs, space  # torch and timm: only when the space is needed

@@ -42,15 +42,11 @@ log = logging.getLogger(__name__)
 
 REBUILD = "dvc repro costs"
 FINGERPRINT, FIXED, TEACHER = "fingerprint.json", "fixed.json", "teacher.json"
-BACKENDS = ("torch", "onnxruntime")
 CALL, CALIBRATION = "call", "calibration"  # fixed.json: one backend call per model; the calibration factors
 
 
 # ---------------------------------------------------------------------------------------------------- registry
 # The registry itself lives in pipeline.config (config validation checks search.metric with it); here its uses.
-COUNTED, LATENCY = COUNTED_METRICS, LATENCY_METRIC
-
-
 def metrics(cfg: Costs) -> dict[str, Metric]:
     """The registered metrics: the counted ones, and ``latency_b<N>`` for each N in ``costs.batch_sizes``."""
     return metric_registry(cfg.batch_sizes, cfg.tolerance)
@@ -83,9 +79,7 @@ class Target:
 
 def target(cfg: Costs, channels_last: bool) -> Target:
     """The measuring target of the ``costs`` params; a device or backend this machine lacks is a ConfigError."""
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"params key 'costs.backend' = {cfg.backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
-    name = cfg.device
+    name = cfg.device  # backend and device names are checked when params load (pipeline.config)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -95,9 +89,6 @@ def target(cfg: Costs, channels_last: bool) -> Target:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if cfg.backend == "onnxruntime":
-        if device.type != "cpu":
-            raise ConfigError("params key 'costs.backend' = 'onnxruntime' times on the CPU (CPUExecutionProvider): "
-                              "set costs.device=cpu")
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -183,7 +174,7 @@ def table_path(directory: Path | str, block: space.BlockSpec) -> Path:
 
 
 def _value(name: str, value: float) -> int | float:
-    return int(value) if name in COUNTED else round(float(value), 6)
+    return int(value) if name in COUNTED_METRICS else round(float(value), 6)
 
 
 def write_costs(directory: Path | str, spec: space.SpaceSpec, tables: CostTables) -> list[Path]:
@@ -262,13 +253,13 @@ def read_costs(directory: Path | str, spec: space.SpaceSpec, metric: str,
     """
     directory = Path(directory)
     fp = _read_json(directory / FINGERPRINT)
-    measured = LATENCY.match(metric) is not None
-    if metric not in COUNTED and not measured:
+    measured = LATENCY_METRIC.match(metric) is not None
+    if metric not in COUNTED_METRICS and not measured:
         raise ConfigError(f"cost metric {metric!r} is not registered: choose one of "
                           f"{', '.join(metrics_of(fp))} (latency_b<N> for each N in costs.batch_sizes)")
     batches = [int(b) for b in fp.get("batch_sizes", [])]
     if measured:
-        if int(LATENCY.match(metric)["batch"]) not in batches:
+        if int(LATENCY_METRIC.match(metric)["batch"]) not in batches:
             raise ArtifactError(f"{directory} has no {metric} (measured at batch sizes {batches}): add the batch "
                                 f"size to costs.batch_sizes and run `{REBUILD}`")
         if expected_fingerprint is None:
