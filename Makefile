@@ -6,8 +6,14 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE ?= 1
 TEST_WORKERS ?= $(shell nproc)
+# `make server`: the MLflow tracking server (runs, registry, proxied artifacts) for one machine or a team;
+# without MLflow's GenAI job runner (7 idle worker processes) unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_STORE ?= $(CURDIR)
+MLFLOW_ARGS ?=
 
-.PHONY: help setup data run smoke test bench ui lint gpu-check
+.PHONY: help setup data run smoke test bench server lint gpu-check
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-9s %s\n", $$1, $$2}'
 
@@ -40,8 +46,11 @@ test: setup  ## the test suite (includes an end-to-end smoke repro), one worker 
 bench: setup  ## benchmarks; results land in benchmarks/results/
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-ui:  ## MLflow UI on http://127.0.0.1:5000
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+server:  ## MLflow tracking server + UI, http://127.0.0.1:5000 (MLFLOW_HOST, _PORT, _STORE: mlflow.db, mlartifacts/)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
+		--artifacts-destination $(MLFLOW_STORE)/mlartifacts --serve-artifacts \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT) $(MLFLOW_ARGS)
 
 lint:  ## ruff
 	$(VENV)/bin/ruff check pipeline stages tests benchmarks

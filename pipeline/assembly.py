@@ -545,17 +545,29 @@ def study_name(blocks: Sequence[BlockTable], metric: str, budget: float | None, 
     return f"dna-assemble-{digest.hexdigest()[:12]}"
 
 
+def worker_seed(seed: int, worker: int, trials: int, done: int) -> int:
+    """The sampler seed of worker ``worker`` joining a study that holds ``done`` of its ``trials`` finished trials.
+
+    ``seed + worker * trials + done``: worker k's seeds lie in [seed + k * trials, seed + (k + 1) * trials), so
+    workers started together never share one, a resumed worker does not replay its first session, and worker 0
+    alone seeds as a single process always has (``seed`` plus the trials already there).
+    """
+    return seed + worker * trials + done
+
+
 def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | None, fixed_cost: float,
                   trials: int, sampler: str = "tpe", seed: int = 0, storage: str = "",
                   callbacks: Sequence[Callable[[Any, Any], None]] = (),
-                  limits: Mapping[str, tuple[float, float]] | None = None) -> OptunaResult:
+                  limits: Mapping[str, tuple[float, float]] | None = None, worker: int = 0) -> OptunaResult:
     """Search with Optuna until the study holds ``trials`` finished trials (resuming a stored study).
 
     ``tpe``: one objective, the summed score, with ``cost - budget <= 0`` as a constraint, and one more per
     ``limits`` entry (metric -> (ceiling, the fixed parts' cost in it)).
     ``nsga2``: two objectives, score and cost, with the same constraint. The first trial is the cheapest
-    architecture, so every study has a feasible trial whenever one exists. A worker that joins or resumes
-    a stored study seeds its sampler with ``seed`` plus the trials already there, so workers differ.
+    architecture, so every study has a feasible trial whenever one exists. Workers sharing ``storage`` (each its
+    own ``worker`` index) fill one study; each seeds its sampler by ``worker_seed`` and stamps its trials with
+    its index and seed. A worker whose trial was running when the study reached ``trials`` still finishes it, so
+    the study may hold a few more (at most workers - 1); the result is over the first ``trials`` in trial order.
     """
     import optuna
 
@@ -568,6 +580,8 @@ def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | Non
         choice = [index[i][trial.suggest_categorical(b.name, list(b.candidates))] for i, b in enumerate(blocks)]
         arch = summed(costs, scores, fixed_cost, choice)
         trial.set_user_attr("cost", arch.cost)
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("seed", sampler_seed)
         if budget is not None:
             trial.set_constraint("budget", arch.cost - budget)
         for name, (limit, fixed) in (limits or {}).items():
@@ -578,15 +592,17 @@ def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | Non
                                 study_name=study_name(blocks, metric, budget, fixed_cost, sampler, seed, limits),
                                 directions=["minimize"] if sampler == "tpe" else ["minimize", "minimize"])
     done = len(study.get_trials(deepcopy=False, states=(state,)))
-    worker_seed = seed + len(study.get_trials(deepcopy=False))
-    study.sampler = (optuna.samplers.TPESampler(seed=worker_seed) if sampler == "tpe"
-                     else optuna.samplers.NSGAIISampler(seed=worker_seed))
+    sampler_seed = worker_seed(seed, worker, trials, done)
+    study.sampler = (optuna.samplers.TPESampler(seed=sampler_seed) if sampler == "tpe"
+                     else optuna.samplers.NSGAIISampler(seed=sampler_seed))
     if not study.get_trials(deepcopy=False):
-        study.enqueue_trial({b.name: b.candidates[int(np.argmin(c))] for b, c in zip(blocks, costs, strict=True)})
+        study.enqueue_trial({b.name: b.candidates[int(np.argmin(c))] for b, c in zip(blocks, costs, strict=True)},
+                            skip_if_exists=True)  # workers starting together: one cheapest trial, mostly
     if done < trials:
+        log.info("optuna worker %d: seed %d, %d of %d trials already in the study", worker, sampler_seed, done, trials)
         study.optimize(objective, n_trials=trials - done,
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=(state,)), *callbacks])
-    finished = study.get_trials(deepcopy=False, states=(state,))
+    finished = sorted(study.get_trials(deepcopy=False, states=(state,)), key=lambda t: t.number)[:trials]
     history = np.array([(t.user_attrs["cost"], t.values[0], _feasible(t)) for t in finished], dtype=np.float64)
     feasible = [t for t in finished if _feasible(t)]
     best = None
@@ -700,9 +716,10 @@ def problem(params: Params, tables: list[BlockTable], root: Path) -> Problem:
     """
     s = params.search
     wanted = list(dict.fromkeys([*COUNTED_METRICS, s.metric, *s.limits]))  # counted ones always reported
-    if s.fixed_cost is not None:
+    if s.fixed_cost is not None:  # raw tables: the counted columns they have, and every metric searched
+        wanted = [m for m in wanted if m in tables[0].costs or m == s.metric or m in s.limits]
         fixed = {m: s.fixed_cost if m == s.metric else 0.0 for m in wanted}
-        for m in wanted[len(COUNTED_METRICS):]:
+        for m in wanted:
             tables[0].cost(m)  # a missing column fails here, in one line
         return Problem(tables, fixed, s.metric, s.budget or None, dict(s.limits))
     from pipeline import costs, space  # torch and timm: only when the space is needed
@@ -766,7 +783,7 @@ def add_optuna(result: Result, search: Search, seed: int,
     prob = result.problem
     found = optuna_search(prob.tables, prob.metric, prob.budget, prob.fixed[prob.metric], search.trials,
                           search.sampler, seed, search.storage, callbacks,
-                          limits={m: (v, prob.fixed[m]) for m, v in prob.limits.items()})
+                          limits={m: (v, prob.fixed[m]) for m, v in prob.limits.items()}, worker=search.worker)
     assert found.best is not None, "the cheapest architecture is always enqueued, so a feasible trial exists"
     log.info("optuna (%s, %d trials): %.6f, %.2f%% above the exact optimum", search.sampler, found.trials,
              found.best.score, 100 * relative_gap(found.best.score, result.exact.score))

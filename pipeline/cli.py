@@ -6,7 +6,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.config import Params, load_params
+from pipeline import tracking
+from pipeline.config import Params, load_params, repo_root
 from pipeline.errors import PipelineError
 from pipeline.runtime import setup_logging
 
@@ -18,6 +19,7 @@ def main(run: Callable[[Params], None], argv: Sequence[str] | None = None) -> No
     setup_logging()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        tracking.check_server(tracking.tracking_uri(repo_root()))  # before any compute, not at the first log call
         run(load_params(args))
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -82,12 +82,18 @@ class Teacher:
     stem_pool: bool = False  # False replaces the stem max-pool by identity (small images)
     checkpoint: str = ""  # local safetensors or torch file: load instead of training
     pretrained: bool = False  # timm hub weights, needs internet
-    boundaries: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # feature_info indices
+    # feature_info indices, or module names for stages feature_info skips (EfficientNet's stride-1 stages)
+    boundaries: list[Any] = field(default_factory=lambda: [1, 2, 3, 4])
     train: Recipe = field(default_factory=Recipe)
+
+
+CACHE_MODES = ("auto", "cache", "online")
 
 
 @dataclass
 class Cache:
+    mode: str = "auto"  # auto | cache | online: where the supernet and score stages get teacher features
+    max_gb: float = 100.0  # auto caches only an estimated size up to this (and within the free disk); 0 = no cap
     dtype: str = "float16"  # float16 | float32 storage of inputs and teacher features
     views: int = 1  # augmented views of the train split; 1 = the plain images
     batch_size: int = 1024  # images per teacher forward
@@ -100,6 +106,7 @@ class Cell:
 
     layers: int = 2
     width: int = 0  # width of every layer but the last (which writes the block's width); 0 = the block's width
+    out: int = 0  # width the last layer writes; 0 = the block's (several: the next block's cells read each)
 
 
 @dataclass
@@ -111,11 +118,13 @@ class BlockSpace:
 
 @dataclass
 class Space:
-    ops: list[str] = field(default_factory=lambda: ["k3e3", "k3e6", "k5e3", "k5e6", "k7e3", "k7e6"])
-    identity: bool = False  # allow skipping layers after a cell's first
+    ops: list[str] = field(default_factory=lambda: ["er_k3e3", "er_k3e6", "k3e3_nose", "k3e6_nose", "k5e3_nose",
+                                                    "k5e6_nose"])
+    identity: bool = True  # allow skipping layers strictly inside a cell (searchable depth)
     se_ratio: float = 0.25
     act: str = "swish"
     stem: int = 16
+    stem_layer: str = ""  # a fixed timm block after the stem conv, e.g. DNA's ds_r1_k3_s1_c16_se0.25; "" = none
     head: int = 256
     blocks: dict[str, BlockSpace] = field(default_factory=dict)
 
@@ -154,13 +163,15 @@ class Costs:
     repeats: int = 30  # timed rounds (each module once per round and batch size, shuffled); the median is kept
     calibrate: int = 5  # whole random students timed with the tables: measured / summed scales them; 0 = raw sums
     tolerance: float = 0.1  # relative error a measured cost may have against a built model
+    additivity: int = 30  # random whole students the additivity stage times against the summed tables (0 = skip)
     out_dir: str = "artifacts/costs"
     accept_fingerprint: str = ""  # id of a table measured on another machine to use anyway ("" = none)
 
 
 # The cost metric registry (pipeline.costs measures them). Here, not there: validating search.metric must not make
 # every stage import the timing code.
-COUNTED_METRICS = {"params": "parameters", "flops": "multiply-accumulates"}  # pipeline.space.Cost's fields
+COUNTED_METRICS = {"params": "parameters", "flops": "multiply-accumulates",  # pipeline.space.Cost's fields
+                   "flops_dna": "FLOPs by DNA's counter (convs, BN, linear, pooling: its Table 1)"}
 LATENCY_METRIC = re.compile(r"^latency_b(?P<batch>[1-9][0-9]*)$")  # milliseconds at batch size N
 
 
@@ -202,10 +213,10 @@ def check_metric(name: str, cfg: Costs, key: str = "search.metric") -> Metric:
 @dataclass
 class Search:
     method: str = "exact"  # exact | optuna
-    metric: str = "params"  # a registered cost metric (pipeline.costs): params | flops | latency_b<N>
-    budget: float = 650000
+    metric: str = "latency_b256"  # a registered cost metric (pipeline.costs): params | flops | latency_b<N>
+    budget: float = 0.47
     limits: dict[str, float] = field(default_factory=dict)  # more ceilings: metric -> limit (same units as budget)
-    relative: bool = False  # budget and limits as fractions of the teacher's cost (the costs stage measures it)
+    relative: bool = True  # budget and limits as fractions of the teacher's cost (the costs stage measures it)
     fixed_cost: float | None = None  # None = computed from the search space
     top_k: int = 1
     scores_dir: str = "artifacts/scores"
@@ -213,6 +224,7 @@ class Search:
     trials: int = 500
     sampler: str = "tpe"  # tpe | nsga2
     storage: str = ""  # optuna storage: sqlite URL or journal file path
+    worker: int = 0  # this process's index among workers sharing storage: its sampler seed (assembly.worker_seed)
 
 
 @dataclass
@@ -240,6 +252,37 @@ def _short_recipe() -> Recipe:
 
 
 @dataclass
+class Spos:
+    """The ranking check's SPOS baseline (Guo et al., ECCV 2020; ``pipeline.spos``): one weight-sharing supernet over
+    the whole student, trained on labels with one uniformly random path per step, candidates rated by val accuracy."""
+
+    compute: float = 1.0  # training MACs as a multiple of the DNA supernets' (every block, supernet.epochs each)
+    epochs: int = 5  # the matched images spread over this many epochs, a checkpoint after each
+    batch_size: int = 128
+    opt: str = "adamw"  # any timm optimizer name
+    lr: float = 3e-3
+    lr_decay: float = 0.9  # per epoch, as the DNA supernets
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    augment: Augment = field(default_factory=Augment)
+    bn_samples: int = 1024  # fixed train images (one batch) that recalibrate BN for every rated candidate
+    val_samples: int = 0  # val images each candidate is rated on (0 = the whole val split)
+    eval_batch_size: int = 1024
+
+
+SHARD = re.compile(r"(?P<index>\d+)/(?P<count>[1-9]\d*)")  # validate.shard: machine i of n
+
+
+def parse_shard(value: str) -> tuple[int, int] | None:
+    """``validate.shard``: None for "" (every unit), else (i, n); anything else is a ConfigError."""
+    match = SHARD.fullmatch(value)
+    if value and (match is None or int(match["index"]) >= int(match["count"])):
+        raise ConfigError(f"params key 'validate.shard' = {value!r} is invalid: \"\" (every unit) or \"i/n\" with "
+                          f"0 <= i < n (machine i of n trains the units whose index % n == i), e.g. 0/2 and 1/2")
+    return (int(match["index"]), int(match["count"])) if value else None
+
+
+@dataclass
 class Validate:
     """The ranking check (``dvc repro validate/dvc.yaml``): stand-alone accuracy of architectures drawn from the
     searched space against their predicted scores; not part of the default pipeline."""
@@ -251,6 +294,21 @@ class Validate:
     workers: int = 2  # architectures trained at once (CPU: threads split between them)
     train_limit: int = 30000  # train images per unit (0 = the whole train split)
     train: Recipe = field(default_factory=_short_recipe)
+    bootstrap: int = 2000  # resamples for the 95% intervals of tau
+    shard: str = ""  # "i/n": train only units whose index % n == i (machine i of n); "" = every unit
+    proxy_batch: int = 128  # train images of the zero-cost proxy (NASWOT) at initialisation
+    spos: Spos = field(default_factory=Spos)
+
+
+@dataclass
+class Fidelity:
+    """The block-level check (``validate/dvc.yaml``: fidelity_train@bN, fidelity_report): K candidates per block
+    trained stand-alone with the supernet's loss and recipe, their errors ranked against their block scores."""
+
+    candidates: int = 16  # K per block, one per equal-count bin of the block's score order (seeded)
+    seeds: int = 2  # stand-alone trainings per candidate (averaged; >= 2 gives the seed-to-seed tau)
+    epochs: int = 8  # per unit (the supernet's per-epoch lr decay applies)
+    train_samples: int = 6000  # fresh random train samples per epoch (0 = the whole split)
     bootstrap: int = 2000  # resamples for the 95% intervals of tau
 
 
@@ -274,6 +332,7 @@ class Params:
     retrain: Retrain = field(default_factory=Retrain)
     report: Report = field(default_factory=Report)
     validate: Validate = field(default_factory=Validate)
+    fidelity: Fidelity = field(default_factory=Fidelity)
     tracking: Tracking = field(default_factory=Tracking)
 
 
@@ -345,9 +404,18 @@ def _check_recipe(prefix: str, r: Recipe) -> None:
     _require(0 <= r.label_smoothing < 1, f"{prefix}.label_smoothing", r.label_smoothing, "must be in [0, 1)")
     _require(0 <= r.warmup_epochs <= max(r.epochs, 0) or r.epochs == 0, f"{prefix}.warmup_epochs",
              r.warmup_epochs, f"must be in [0, epochs={r.epochs}]")
-    _require(r.augment.pad_crop >= 0, f"{prefix}.augment.pad_crop", r.augment.pad_crop, "must be >= 0")
-    _require(0 <= r.augment.erase_prob <= 1, f"{prefix}.augment.erase_prob", r.augment.erase_prob,
-             "must be in [0, 1]")
+    _check_augment(f"{prefix}.augment", r.augment)
+
+
+def _check_augment(prefix: str, a: Augment) -> None:
+    _require(a.pad_crop >= 0, f"{prefix}.pad_crop", a.pad_crop, "must be >= 0")
+    _require(0 <= a.erase_prob <= 1, f"{prefix}.erase_prob", a.erase_prob, "must be in [0, 1]")
+
+
+def _boundaries_ok(b: list[Any]) -> bool:
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in b):
+        return len(b) >= 1 and b == sorted(set(b)) and min(b) >= 0
+    return len(b) >= 1 and all(isinstance(x, str) and x for x in b) and len(set(b)) == len(b)
 
 
 def _check(p: Params) -> None:
@@ -363,9 +431,12 @@ def _check(p: Params) -> None:
     _require(d.bad_images in ("fail", "skip"), "data.bad_images", d.bad_images, "fail or skip")
     _require(rt.workers >= 0, "runtime.workers", rt.workers, "must be >= 0 (0 = decode in the prepare process)")
     _require(t.stem_stride >= 0, "teacher.stem_stride", t.stem_stride, "0 (model default) or a stride >= 1")
-    _require(len(t.boundaries) >= 1 and list(t.boundaries) == sorted(set(t.boundaries)) and min(t.boundaries) >= 0,
-             "teacher.boundaries", list(t.boundaries), "a strictly increasing list of feature_info indices")
+    _require(_boundaries_ok(list(t.boundaries)), "teacher.boundaries", list(t.boundaries),
+             "a strictly increasing list of feature_info indices, or distinct module names (e.g. [blocks.1, blocks.3])")
     _check_recipe("teacher.train", t.train)
+    _require(p.cache.mode in CACHE_MODES, "cache.mode", p.cache.mode, "auto (cache when it fits cache.max_gb and the "
+             "free disk, else online), cache (always write it) or online (the teacher runs in the supernet and score stages)")
+    _require(p.cache.max_gb >= 0, "cache.max_gb", p.cache.max_gb, "must be >= 0 GB (0 = no cap: the free disk decides)")
     _require(p.cache.dtype in ("float16", "float32"), "cache.dtype", p.cache.dtype, "float16 or float32")
     _require(p.cache.views >= 1, "cache.views", p.cache.views, "must be >= 1")
     _require(p.cache.batch_size > 0, "cache.batch_size", p.cache.batch_size, "must be > 0")
@@ -377,11 +448,13 @@ def _check(p: Params) -> None:
     _require(p.search.fixed_cost is None or p.search.fixed_cost >= 0, "search.fixed_cost", p.search.fixed_cost,
              "null (from the search space) or a cost >= 0")
     _require(p.search.trials >= 1, "search.trials", p.search.trials, "must be >= 1")
+    _require(p.search.worker >= 0, "search.worker", p.search.worker, "must be >= 0 (one index per worker)")
     _check_search_space(p)
     _check_costs(p.costs)
     _check_search_metrics(p)
     _check_retrain(p)
     _check_validate(p)
+    _check_fidelity(p.fidelity)
 
 
 def _check_search_space(p: Params) -> None:
@@ -418,6 +491,8 @@ def _check_costs(c: Costs) -> None:
     _require(c.repeats >= 1, "costs.repeats", c.repeats, "must be >= 1")
     _require(c.calibrate >= 0, "costs.calibrate", c.calibrate, "must be >= 0 (0 = the plain sums)")
     _require(0 < c.tolerance < 1, "costs.tolerance", c.tolerance, "must be in (0, 1), e.g. 0.1 = within 10%")
+    _require(c.additivity == 0 or c.additivity >= 2, "costs.additivity", c.additivity,
+             "0 (skip) or >= 2 students (a median and a 90th percentile need several; 30 is the check's size)")
     _require(bool(c.out_dir), "costs.out_dir", c.out_dir, "a folder, e.g. artifacts/costs")
 
 
@@ -454,3 +529,29 @@ def _check_validate(p: Params) -> None:
     _require(v.bootstrap >= 100, "validate.bootstrap", v.bootstrap, "must be >= 100 resamples")
     _require(v.train.epochs >= 1, "validate.train.epochs", v.train.epochs, "must be >= 1 (accuracy needs training)")
     _check_recipe("validate.train", v.train)
+    parse_shard(v.shard)
+    _require(v.proxy_batch >= 2, "validate.proxy_batch", v.proxy_batch, "must be >= 2 (NASWOT compares images)")
+    _check_spos(v.spos)
+
+
+def _check_spos(s: Spos) -> None:
+    from timm.optim import list_optimizers
+
+    _require(s.compute > 0, "validate.spos.compute", s.compute, "must be > 0 (1 = the DNA supernets' training MACs)")
+    for key in ("epochs", "batch_size", "bn_samples", "eval_batch_size"):
+        _require(getattr(s, key) >= 1, f"validate.spos.{key}", getattr(s, key), "must be >= 1")
+    _require(s.opt in list_optimizers(), "validate.spos.opt", s.opt, "a timm optimizer name, e.g. adamw, sgd")
+    _require(s.lr > 0, "validate.spos.lr", s.lr, "must be > 0")
+    _require(0 < s.lr_decay <= 1, "validate.spos.lr_decay", s.lr_decay, "must be in (0, 1] (1 = constant lr)")
+    _require(s.weight_decay >= 0, "validate.spos.weight_decay", s.weight_decay, "must be >= 0")
+    _require(0 <= s.label_smoothing < 1, "validate.spos.label_smoothing", s.label_smoothing, "must be in [0, 1)")
+    _require(s.val_samples >= 0, "validate.spos.val_samples", s.val_samples, "must be >= 0 (0 = the whole val split)")
+    _check_augment("validate.spos.augment", s.augment)
+
+
+def _check_fidelity(f: Fidelity) -> None:
+    _require(f.candidates >= 2, "fidelity.candidates", f.candidates, "must be >= 2 (a ranking needs two points)")
+    _require(f.seeds >= 1, "fidelity.seeds", f.seeds, "must be >= 1 (2 also gives the seed-to-seed tau)")
+    _require(f.epochs >= 2, "fidelity.epochs", f.epochs, "must be >= 2 (convergence is read off the last epoch's gain)")
+    _require(f.train_samples >= 0, "fidelity.train_samples", f.train_samples, "must be >= 0 (0 = the whole split)")
+    _require(f.bootstrap >= 100, "fidelity.bootstrap", f.bootstrap, "must be >= 100 resamples")

@@ -293,7 +293,7 @@ def measure_space(spec: space.SpaceSpec, cfg: Costs, channels_last: bool, teache
         rows = {}
         for cid in block.candidates():
             cost = space.candidate_cost(block, cid)
-            row = {"params": float(cost.params), "flops": float(cost.flops)}
+            row = cost.counted()
             row.update({m.name: candidate_latency(block, cid, timed, m.batch) for m in measured})
             rows[cid] = row
         blocks[block.name] = rows
@@ -301,12 +301,12 @@ def measure_space(spec: space.SpaceSpec, cfg: Costs, channels_last: bool, teache
     parts = {part: {m.name: timed[part][m.batch] for m in measured} for part in ("stem", "head")}
     if CALL in timed:
         parts[CALL] = {m.name: call[m.batch] for m in measured}
-    fixed = {"params": float(fixed_cost.params), "flops": float(fixed_cost.flops),
+    fixed = {**fixed_cost.counted(),
              **{m.name: sum(row[m.name] for row in parts.values()) for m in measured}}
     teacher_row: dict[str, float] = {}
     if teacher is not None:
         cost = space.module_cost(teacher.module, teacher.shape)
-        teacher_row = {"params": float(cost.params), "flops": float(cost.flops),
+        teacher_row = {**cost.counted(),
                        **{m.name: timed["teacher"][m.batch] for m in measured}}
     tables = CostTables(names, blocks, fixed, teacher_row, fp, parts, time.perf_counter() - start, cfg.tolerance,
                         {"students": len(calibration), **{m.name: factor[m.batch] for m in measured}})
@@ -316,6 +316,7 @@ def measure_space(spec: space.SpaceSpec, cfg: Costs, channels_last: bool, teache
 
 
 # ---------------------------------------------------------------------------------------------------- additivity
+ADDITIVITY_GOAL = {"median": 0.05, "p90": 0.10}  # relative error over random whole students: median, 90th percentile
 @dataclass(frozen=True)
 class Additivity:
     """Predicted (block tables + fixed parts) vs measured latency of whole random students at one batch size."""
@@ -341,6 +342,13 @@ class Additivity:
     @property
     def p90(self) -> float:
         return float(np.percentile(np.abs(self.errors), 90))
+
+    def summary(self) -> dict[str, float]:
+        """The figures the additivity stage tracks: absolute-error median, 90th percentile and max, signed median."""
+        errors = np.asarray(self.errors)
+        return {"students": len(errors), "median": self.median, "p90": self.p90,
+                "max": float(np.abs(errors).max()), "median_signed": float(np.median(errors)),
+                "measured_median_ms": float(np.median(self.measured))}
 
 
 def random_choices(spec: space.SpaceSpec, n: int, seed: int = 0, stream: str = "students") -> list[dict[str, str]]:

@@ -136,8 +136,25 @@ def _fmt(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def additivity_lines(additivity: Mapping[str, Any]) -> list[str]:
+    """The additivity stage's table: how well summed tables predict whole random students (``same_rounds``: the
+    method; ``stage_tables``: what the search used, with the machine's drift since the costs stage)."""
+    if not additivity.get("same_rounds"):
+        return ["", "Additivity not measured (costs.additivity=0)."]
+    goal = additivity["targets"]
+    lines = ["", f"## Additivity: {additivity['students']} random whole students, predicted vs measured", "",
+             f"Goal: median relative error <= {100 * goal['median']:.0f}%, 90th percentile <= "
+             f"{100 * goal['p90']:.0f}%.", "",
+             "| prediction from | metric | median | p90 | max | median signed |", "|---|---|---:|---:|---:|---:|"]
+    for name, label in (("same_rounds", "tables timed in the same rounds"), ("stage_tables", "the costs stage's")):
+        for metric, s in additivity.get(name, {}).items():
+            lines.append(f"| {label} | {metric} | {100 * s['median']:.1f}% | {100 * s['p90']:.1f}% | "
+                         f"{100 * s['max']:.1f}% | {100 * s['median_signed']:+.1f}% |")
+    return lines
+
+
 def markdown(summary: Mapping[str, Any], latency: Mapping[str, Any], architecture: Mapping[str, Any],
-             names: Mapping[str, str], figures: Mapping[str, bool]) -> str:
+             names: Mapping[str, str], figures: Mapping[str, bool], additivity: Mapping[str, Any] | None = None) -> str:
     """The report page; figures are linked by relative path, so the folder reads offline as it is."""
     t = {**summary["teacher"], **latency["teacher"]}
     s = {**summary["student"], **latency["student"]}
@@ -159,6 +176,7 @@ def markdown(summary: Mapping[str, Any], latency: Mapping[str, Any], architectur
         lines += ["", "Predicted from the cost tables (fingerprint " + f"`{pred['fingerprint']}`): " + ", ".join(
             f"{k} {v:.3f} ms ({100 * pred['relative_error'][k]:+.1f}%)" for k, v in pred["student"].items())
             + f"; tolerance {100 * pred['tolerance']:.0f}%: " + ("met" if pred["within_tolerance"] else "**missed**")]
+    lines += additivity_lines(additivity or {})
     search = summary["search"]
     limits = "".join(f", {m} <= {_fmt(v)}" for m, v in search.get("limits", {}).items())
     lines += ["", "## Searched architecture", "",

@@ -1,12 +1,17 @@
-"""Where and how tensors run: device, threads, mixed precision, DDP rank, progress bars, seeding.
+"""Where and how tensors run: device, threads, mixed precision, DDP rank and sharding, progress bars, seeding.
 
 Everything that differs between this 2-core CPU and a CUDA machine lives here, so training code
-is written once and runs unchanged on both (``torchrun`` sets the DDP environment).
+is written once and runs unchanged on both (``torchrun`` sets the DDP environment, one node or several).
+Under DDP a batch size is the global batch: each rank takes its part of the same global order (``Shard``), the
+loss is weighted so DDP's gradient average is the global batch's gradient, and training-mode batch norm uses the
+global batch's statistics (``global_batch_norm``), so W ranks train what one process trains, up to float32
+rounding (``tests/test_multinode.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import random
@@ -18,8 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-from pipeline.config import Runtime
+from pipeline.config import ConfigError, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,87 @@ def init_distributed() -> tuple[int, int]:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of every global batch: a contiguous slice of the batch all ranks draw from the same seeded
+    order (DistributedSampler's contract, per batch), so the ranks together see what one process sees."""
+
+    rank: int = 0
+    world: int = 1
+
+    def part(self, n: int) -> slice:
+        """This rank's rows of a global batch of ``n`` (shares differ by at most one row)."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def check(self, batch_size: int, key: str) -> None:
+        """Every rank needs a row of every full batch."""
+        if batch_size < self.world:
+            raise ConfigError(f"{key}={batch_size} is smaller than the {self.world} DDP ranks (the batch size is the "
+                              f"global batch, split among them): raise {key} or start fewer processes")
+
+    def global_mean(self, loss: torch.Tensor, rows: int, batch: int) -> torch.Tensor:
+        """A mean over this rank's ``rows`` of a global ``batch``, weighted so that DDP's gradient average (the sum
+        over ranks / world) is the gradient of the mean over the global batch, also for unequal shares."""
+        return loss if rows * self.world == batch else loss * (rows * self.world / batch)
+
+
+def shard() -> Shard:
+    """The Shard of this process: rank and world size of the torchrun group, (0, 1) without one."""
+    return Shard(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Shard()
+
+
+_BATCH_NORM = inspect.signature(F.batch_norm)
+
+
+def _global_batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                       weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+                       momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """``F.batch_norm`` in training mode over the rows of all ranks: per-channel sums are all-reduced (autograd
+    flows back through the collective, as in torch's SyncBatchNorm), in float32; two passes (mean, then centred
+    squares) as exact as the single-process kernel."""
+    from torch.distributed import _functional_collectives as collectives
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        return collectives.wait_tensor(collectives.all_reduce(t, "sum", dist.group.WORLD))
+
+    x = input.float()
+    dims, shape = [d for d in range(x.ndim) if d != 1], (1, -1) + (1,) * (x.ndim - 2)
+    sums = total(torch.cat([x.sum(dims), x.new_full((1,), x.numel() // x.shape[1])]))
+    count, mean = sums[-1], sums[:-1] / sums[-1]
+    centred = x - mean.view(shape)
+    var = total((centred * centred).sum(dims)) / count
+    y = centred * torch.rsqrt(var + eps).view(shape)
+    y = y if weight is None else y * weight.view(shape)
+    y = y if bias is None else y + bias.view(shape)
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
+        if running_var is not None:
+            running_var.mul_(1 - momentum).add_(var.detach() * (count / (count - 1).clamp_min(1)) * momentum)
+    return y.to(input.dtype)
+
+
+class _GlobalBatchNorm(TorchFunctionMode):
+    """Routes training-mode ``F.batch_norm`` calls (torch's and timm's BN layers all make them) to the global one."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            bound = _BATCH_NORM.bind(*args, **kwargs)
+            if bound.arguments.get("training"):
+                return _global_batch_norm(*bound.args, **bound.kwargs)
+        return func(*args, **kwargs)
+
+
+def global_batch_norm() -> contextlib.AbstractContextManager:
+    """Batch statistics of the global batch for a training forward under DDP; a no-op in one process.
+
+    torch's SyncBatchNorm would do it on GPUs but refuses CPU tensors (gloo), and it needs the model's layers
+    swapped; this needs neither, so one code path runs on every device.
+    """
+    return _GlobalBatchNorm() if dist.is_initialized() and dist.get_world_size() > 1 else contextlib.nullcontext()
 
 
 def select_device(rt: Runtime) -> torch.device:

@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import create_conv2d, get_act_layer, get_norm_act_layer
+from timm.layers import SelectAdaptivePool2d, create_conv2d, get_act_layer, get_norm_act_layer
+from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
 from timm.models._efficientnet_blocks import EdgeResidual, InvertedResidual, SqueezeExcite
+from timm.models._efficientnet_builder import EfficientNetBuilder, decode_arch_def
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.checkpoint import ArtifactError
-from pipeline.config import Cell, ConfigError, Params, Space, repo_root
+from pipeline.config import COUNTED_METRICS, Cell, ConfigError, Params, Space, repo_root
 
 SKIP = "skip"
 TEACHER_BLOCKS = Path("artifacts/teacher/blocks.json")
@@ -160,6 +162,8 @@ class Stem:
     out_chs: int
     stride: int
     in_size: tuple[int, int]
+    layer: str = ""  # a fixed timm block after the conv (space.stem_layer), e.g. DNA's ds_r1_k3_s1_c16_se0.25
+    layer_out: int = 0  # its output channels (block 0 reads them)
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,8 @@ def check_space(space: Space, num_blocks: int) -> None:
         raise ConfigError(f"params key 'space.act' = {space.act!r} is not a timm activation "
                           "(e.g. swish, relu)") from None
     _check_width("space.stem", space.stem)
+    if space.stem_layer:
+        _check_width("space.stem_layer's c<channels>", stem_layer_out(space.stem_layer))
     if space.head < 0:
         raise ConfigError(f"params key 'space.head' = {space.head} is invalid: 0 (no head conv) or a width")
     expected = [f"b{i}" for i in range(num_blocks)]
@@ -249,7 +255,7 @@ def check_space(space: Space, num_blocks: int) -> None:
         if not block.cells:
             raise ConfigError(f"params key '{key}.cells' is empty: give at least one cell, "
                               "e.g. [{layers: 2, width: 16}]")
-        shapes = [(c.layers, cell_width(c, block.width)) for c in block.cells]
+        shapes = [(c.layers, cell_width(c, block.width), cell_out(c, block.width)) for c in block.cells]
         if len(set(shapes)) != len(shapes):
             raise ConfigError(f"params key '{key}.cells' repeats a cell {shapes}: cells must differ in layers or width")
         for i, cell in enumerate(block.cells):
@@ -258,11 +264,36 @@ def check_space(space: Space, num_blocks: int) -> None:
                                   "a cell needs >= 1 layer")
             if cell.width:
                 _check_width(f"{key}.cells.{i}.width", cell.width)
+            if cell.out:
+                _check_width(f"{key}.cells.{i}.out", cell.out)
+    last, block = list(space.blocks.items())[-1]
+    if any(cell_out(c, block.width) != block.width for c in block.cells):
+        raise ConfigError(f"params key 'space.blocks.{last}.cells' sets an out width: the head reads the last block, "
+                          f"so its cells must all write space.blocks.{last}.width ({block.width})")
 
 
 def cell_width(cell: Cell, block_width: int) -> int:
     """Width of a cell's inner layers; a one-layer cell has none, its only layer writes the block width."""
     return (cell.width or block_width) if cell.layers > 1 else block_width
+
+
+def cell_out(cell: Cell, block_width: int) -> int:
+    """Width a cell writes: ``out``, else the block's. Cells writing several widths make the next block's cells
+    read each of them (their ids end in ``i<width>``); ``check_chain`` keeps a network's widths joined."""
+    return cell.out or block_width
+
+
+def stem_layer_out(arch: str) -> int:
+    """Output channels of ``space.stem_layer``: one stride-1 block in timm's arch-string grammar."""
+    try:
+        ((args,),) = decode_arch_def([[arch]])
+    except Exception:  # noqa: BLE001 - timm's decoder raises assertion, value and key errors alike
+        raise ConfigError(f"params key 'space.stem_layer' = {arch!r} is not one timm block string "
+                          "(e.g. ds_r1_k3_s1_c16_se0.25, DNA's depthwise-separable stem block)") from None
+    if args["stride"] != 1:
+        raise ConfigError(f"params key 'space.stem_layer' = {arch!r} has stride {args['stride']}: use s1 "
+                          "(the stem conv and block 0 take the teacher's strides)")
+    return int(args["out_chs"])
 
 
 def _check_width(key: str, width: int) -> None:
@@ -305,31 +336,42 @@ def build_space(space: Space, teacher_blocks: Mapping[str, Any]) -> SpaceSpec:
     total = _stride(first["name"], first["in_size"], first["out_size"], (1, 2, 4))
     stem_stride = min(total, 2)
     stem = Stem(in_chs=int(first["in_channels"]), out_chs=space.stem, stride=stem_stride,
-                in_size=tuple(first["in_size"]))
-    blocks, student_in = [], space.stem
+                in_size=tuple(first["in_size"]), layer=space.stem_layer,
+                layer_out=stem_layer_out(space.stem_layer) if space.stem_layer else 0)
+    blocks, reads = [], [stem.layer_out or space.stem]  # the widths the previous block can write
     for index, tb in enumerate(tblocks):
         params = space.blocks[tb["name"]]
         if index == 0:
-            in_chs, in_size = space.stem, tuple(math.ceil(s / stem_stride) for s in tb["in_size"])
+            in_chs, in_size = reads[0], tuple(math.ceil(s / stem_stride) for s in tb["in_size"])
             stride = total // stem_stride
         else:
             in_chs, in_size = int(tb["in_channels"]), tuple(tb["in_size"])
             stride = _stride(tb["name"], in_size, tb["out_size"], (1, 2))
-        geometry = dict(teacher_in=in_chs, teacher_out=int(tb["out_channels"]), student_in=student_in,
-                        block_width=params.width, stride=stride, in_size=in_size)
-        cells = tuple(_cell(i, cell.layers, cell_width(cell, params.width), len(params.cells) > 1, space, **geometry)
-                      for i, cell in enumerate(params.cells))
+        geometry = dict(teacher_in=in_chs, teacher_out=int(tb["out_channels"]), stride=stride, in_size=in_size)
+        variants = [(cell, width) for cell in params.cells for width in reads]
+        cells = tuple(_cell(i, cell.layers, cell_width(cell, params.width), cell_out(cell, params.width),
+                            _cell_name(cell, params.width, width if len(reads) > 1 else 0) if len(variants) > 1
+                            else "", space, student_in=width, **geometry)
+                      for i, (cell, width) in enumerate(variants))
         blocks.append(BlockSpec(name=tb["name"], index=index, cells=cells, in_chs=int(tb["in_channels"]),
                                 out_chs=int(tb["out_channels"]), width=params.width, in_size=in_size,
                                 out_size=tuple(tb["out_size"]), se_ratio=space.se_ratio, act=space.act,
                                 stem=stem if index == 0 else None))
-        student_in = params.width
+        reads = sorted({cell_out(cell, params.width) for cell in params.cells})
     return SpaceSpec(blocks=tuple(blocks), stem=stem, head=space.head,
                      num_classes=int(teacher_blocks["num_classes"]), act=space.act)
 
 
-def _cell(index: int, depth: int, width: int, named: bool, space: Space, *, teacher_in: int, teacher_out: int,
-          student_in: int, block_width: int, stride: int, in_size: tuple[int, int]) -> CellSpec:
+def _cell_name(cell: Cell, block_width: int, reads: int) -> str:
+    """``d<layers>w<width>``, then ``o<out>`` when it writes another width than the block's, ``i<in>`` when the
+    previous block writes several widths and this variant reads ``reads`` of them."""
+    out = cell_out(cell, block_width)
+    return (f"d{cell.layers}w{cell_width(cell, block_width)}" + (f"o{out}" if out != block_width else "")
+            + (f"i{reads}" if reads else ""))
+
+
+def _cell(index: int, depth: int, width: int, out: int, name: str, space: Space, *, teacher_in: int,
+          teacher_out: int, student_in: int, stride: int, in_size: tuple[int, int]) -> CellSpec:
     layers, size = [], in_size
     for i in range(depth):
         last = i == depth - 1
@@ -337,10 +379,10 @@ def _cell(index: int, depth: int, width: int, named: bool, space: Space, *, teac
         choices = tuple(space.ops) + ((SKIP,) if space.identity and 0 < i < depth - 1 else ())
         layers.append(Layer(choices=choices, stride=stride if i == 0 else 1,
                             in_chs=teacher_in if i == 0 else width, out_chs=teacher_out if last else width,
-                            student_in=student_in if i == 0 else width, student_out=block_width if last else width,
+                            student_in=student_in if i == 0 else width, student_out=out if last else width,
                             in_size=size))
         size = tuple(math.ceil(s / (stride if i == 0 else 1)) for s in size)
-    return CellSpec(index=index, name=f"d{depth}w{width}" if named else "", layers=tuple(layers))
+    return CellSpec(index=index, name=name, layers=tuple(layers))
 
 
 # ---------------------------------------------------------------------------------------------------- modules
@@ -351,10 +393,15 @@ def build_layer(block: BlockSpec, layer: Layer, op: str, student: bool = False) 
 
 
 def build_stem(stem: Stem, act: str) -> nn.Sequential:
-    """timm EfficientNet's stem (``conv_stem`` + ``bn1``), with the stride the teacher's first block needs."""
+    """timm EfficientNet's stem (``conv_stem`` + ``bn1``), with the stride the teacher's first block needs, then
+    the fixed ``stem.layer`` built by timm's own builder (named ``blocks.0.0`` as in the student)."""
     norm_act = get_norm_act_layer(nn.BatchNorm2d, get_act_layer(act))
-    return nn.Sequential(OrderedDict(conv_stem=create_conv2d(stem.in_chs, stem.out_chs, 3, stride=stem.stride),
-                                     bn1=norm_act(stem.out_chs, inplace=True)))
+    parts = OrderedDict(conv_stem=create_conv2d(stem.in_chs, stem.out_chs, 3, stride=stem.stride),
+                        bn1=norm_act(stem.out_chs, inplace=True))
+    if stem.layer:
+        builder = EfficientNetBuilder(act_layer=get_act_layer(act), norm_layer=nn.BatchNorm2d, se_layer=SqueezeExcite)
+        parts["blocks"] = nn.Sequential(*builder(stem.out_chs, decode_arch_def([[stem.layer]])))
+    return nn.Sequential(parts)
 
 
 def build_candidate(block: BlockSpec, cid: str) -> nn.Sequential:
@@ -381,11 +428,39 @@ def candidate_arch(block: BlockSpec, cid: str) -> list[str]:
 
 
 def arch_def(spec: SpaceSpec, choice: Mapping[str, str]) -> list[list[str]]:
-    """One candidate id per block -> timm ``decode_arch_def`` input (one stage per block)."""
+    """One candidate id per block -> timm ``decode_arch_def`` input (one stage per block, after the stem layer's)."""
     missing = [b.name for b in spec.blocks if b.name not in choice]
     if missing:
         raise ValueError(f"no candidate chosen for blocks {missing}")
-    return [candidate_arch(block, choice[block.name]) for block in spec.blocks]
+    check_chain(spec, choice)
+    stem = [[spec.stem.layer]] if spec.stem.layer else []
+    return stem + [candidate_arch(block, choice[block.name]) for block in spec.blocks]
+
+
+def check_chain(spec: SpaceSpec, choice: Mapping[str, str]) -> None:
+    """Each block's candidate must read the width the previous one writes (cells with an ``out`` width)."""
+    writes, writer = spec.stem.layer_out or spec.stem.out_chs, "the stem"
+    for block in spec.blocks:
+        cell, _ = block.parse(choice[block.name])
+        reads = cell.layers[0].student_in
+        if reads != writes:
+            fits = [c.name for c in block.cells if c.layers[0].student_in == writes]
+            raise ValueError(f"block {block.name} candidate {choice[block.name]!r} reads {reads} channels but "
+                             f"{writer} writes {writes}: choose a {block.name} cell reading {writes} ({fits})")
+        writes, writer = cell.layers[-1].student_out, f"block {block.name}'s {choice[block.name]!r}"
+
+
+def num_architectures(spec: SpaceSpec) -> int:
+    """How many whole networks the space holds: candidates per block, joined where widths match."""
+    ways = {spec.stem.layer_out or spec.stem.out_chs: 1}  # width written so far -> networks writing it
+    for block in spec.blocks:
+        nxt: dict[int, int] = {}
+        for cell in block.cells:
+            out = cell.layers[-1].student_out
+            size = math.prod(len(layer.choices) for layer in cell.layers)
+            nxt[out] = nxt.get(out, 0) + ways.get(cell.layers[0].student_in, 0) * size
+        ways = nxt
+    return sum(ways.values())
 
 
 def student_kwargs(spec: SpaceSpec) -> dict[str, Any]:
@@ -400,29 +475,57 @@ def student_kwargs(spec: SpaceSpec) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- cost model
 @dataclass(frozen=True)
 class Cost:
-    """Parameters and FLOPs (multiply-accumulates of convolutions and linear layers, the papers' FLOPs)."""
+    """Parameters, FLOPs (multiply-accumulates of convolutions and linear layers, the papers' FLOPs) and FLOPs by
+    DNA's own counter (``dna_flops``: what its Table 1 reports), one field per counted metric."""
 
     params: int
     flops: int
+    flops_dna: int
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.params + other.params, self.flops + other.flops)
+        return Cost(self.params + other.params, self.flops + other.flops, self.flops_dna + other.flops_dna)
 
     def metric(self, metric: str) -> float:
-        if metric not in ("params", "flops"):
-            raise ConfigError(f"cost metric {metric!r} is invalid: params or flops")
+        if metric not in COUNTED_METRICS:
+            raise ConfigError(f"cost metric {metric!r} is invalid: {' or '.join(COUNTED_METRICS)}")
         return float(getattr(self, metric))
 
+    def counted(self) -> dict[str, float]:
+        """Every counted metric, as the cost tables hold them."""
+        return {metric: self.metric(metric) for metric in COUNTED_METRICS}
 
-ZERO = Cost(0, 0)
+
+ZERO = Cost(0, 0, 0)
+_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, FastAdaptiveAvgPool)
+
+
+def dna_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    """One module's FLOPs under DNA's counter: a conv k*k*(C_in/groups)*C_out per output pixel (+ C_out with a
+    bias), BatchNorm 2 per output element, Linear in*out per row, average pooling its input elements. Activations,
+    SE's squeeze (a mean, no module), gates and residual adds count 0, as there."""
+    if isinstance(module, nn.Conv2d):
+        per_pixel = math.prod(module.kernel_size) * module.in_channels // module.groups * module.out_channels
+        pixels = output.numel() // module.out_channels
+        return (per_pixel + (module.out_channels if module.bias is not None else 0)) * pixels
+    if isinstance(module, nn.BatchNorm2d):
+        return 2 * output.numel()
+    if isinstance(module, nn.Linear):
+        return inputs[0].numel() * module.out_features
+    return inputs[0].numel() if isinstance(module, _AVG_POOLS) else 0
 
 
 def module_cost(module: nn.Module, input_shape: Sequence[int]) -> Cost:
-    """Count a module: its parameters, and half the FLOPs torch's counter reports (it counts a MAC as 2)."""
-    module = module.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(torch.zeros(1, *input_shape))
-    return Cost(sum(p.numel() for p in module.parameters()), counter.get_total_flops() // 2)
+    """Count a module (batch 1): its parameters, half the FLOPs torch's counter reports (it counts a MAC as 2),
+    and DNA's FLOPs (``dna_flops`` summed over its modules by forward hooks)."""
+    module, counts = module.eval(), []
+    hooks = [m.register_forward_hook(lambda m, i, o: counts.append(dna_flops(m, i, o))) for m in module.modules()]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(torch.zeros(1, *input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Cost(sum(p.numel() for p in module.parameters()), counter.get_total_flops() // 2, sum(counts))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -447,8 +550,9 @@ def fixed_parts_cost(spec: SpaceSpec) -> Cost:
     last = spec.blocks[-1]
     head_in, head = last.width, spec.head or last.width
     norm_act = get_norm_act_layer(nn.BatchNorm2d, get_act_layer(spec.act))
-    parts = [nn.Identity()] if not spec.head else [create_conv2d(head_in, head, 1), norm_act(head, inplace=True)]
-    head_cost = module_cost(nn.Sequential(*parts), (head_in, *last.out_size))
+    parts = [] if not spec.head else [create_conv2d(head_in, head, 1), norm_act(head, inplace=True)]
+    pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)  # timm EfficientNet's global_pool
+    head_cost = module_cost(nn.Sequential(*parts, pool), (head_in, *last.out_size))
     return stem + head_cost + module_cost(nn.Linear(head, spec.num_classes), (head,))
 
 

@@ -28,7 +28,7 @@ from timm.models.efficientnet import EfficientNet
 
 from pipeline import space
 from pipeline.checkpoint import ArtifactError, read_json
-from pipeline.config import Search
+from pipeline.config import COUNTED_METRICS, Search
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,12 @@ def choice_of(architecture: Mapping[str, Any], spec: space.SpaceSpec, source: st
             block.parse(str(cid))
         except ValueError as err:
             raise StudentError(f"{source}: {err}: {fix}") from None
-    return dict(zip(names, map(str, candidates), strict=True))
+    choice = dict(zip(names, map(str, candidates), strict=True))
+    try:
+        space.check_chain(spec, choice)
+    except ValueError as err:
+        raise StudentError(f"{source}: {err}") from None
+    return choice
 
 
 def model_args(spec: space.SpaceSpec, choice: Mapping[str, str]) -> dict[str, Any]:
@@ -147,7 +152,7 @@ def check_cost(model: torch.nn.Module, architecture: Mapping[str, Any], input_sh
     budget = architecture.get("budget") if search.relative else search.budget  # absolute, as searched
     ceilings = {**(architecture.get("limits") or {}), **({search.metric: budget} if budget else {})}
     for metric, ceiling in ceilings.items():
-        if metric in ("params", "flops") and cost.metric(metric) > ceiling:
+        if metric in COUNTED_METRICS and cost.metric(metric) > ceiling:
             raise StudentError(f"the student costs {cost.metric(metric):g} {metric}, over its ceiling {ceiling:g} "
                                f"(search.budget / search.limits): raise it or shrink the fixed parts (space.stem, "
                                f"space.head), then `{ASSEMBLE}`")

@@ -1,8 +1,9 @@
 """Block-wise supernet training (DNA, Li et al., CVPR 2020, Sec. 3.2): one block of the student learns to map the
 teacher's features at boundary b-1 (the images for block 0) to those at boundary b, one sampled path per step.
 
-Inputs and targets come from the feature cache, so the teacher never runs here and blocks train independently
-(as separate stages, processes or machines). A checkpoint after every epoch makes a killed run resumable;
+Inputs and targets come from the feature cache, or for data too big to cache from ``features.OnlineFeatures`` (the
+frozen teacher run as batches are read, same samples and values); blocks train independently (as separate stages,
+processes or machines). A checkpoint after every epoch makes a killed run resumable;
 the per-epoch data order and paths are seeded from (seed, block, epoch), so a resumed run replays exactly what
 an uninterrupted one would have done.
 """
@@ -49,7 +50,9 @@ def checkpoint_path(root: Path, block: str) -> Path:
 
 
 class Features(Protocol):
-    """What training and scoring need from ``pipeline.features.FeatureCache``."""
+    """What training and scoring need from ``pipeline.features.FeatureCache`` (or ``OnlineFeatures``)."""
+
+    def identity(self, keys: Sequence[str]) -> dict[str, Any]: ...
 
     def num_samples(self, split: str) -> int: ...
 
@@ -65,14 +68,11 @@ def fingerprint(params: Params, name: str, cache: Features) -> str:
     so DVC's ``persist`` checkpoint can never leak an old configuration into a new result.
     """
     keys = feature_keys(list(params.space.blocks), name)
-    manifest = getattr(cache, "manifest", {})
-    files = {s: {k: f.get("sha256") for k, f in m.get("files", {}).items() if k in keys}
-             for s, m in manifest.get("splits", {}).items()}
     space = {k: v for k, v in as_dict(params.space).items() if k not in ("blocks", "head")}
     code = {Path(m.__file__).name: hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()
             for m in (space_module, sys.modules[__name__])}
     identity = {"space": space, "block": as_dict(params.space.blocks[name]), "supernet": as_dict(params.supernet),
-                "seed": params.seed, "amp": params.runtime.amp, "features": files, "code": code}
+                "seed": params.seed, "amp": params.runtime.amp, "features": cache.identity(keys), "code": code}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -192,12 +192,11 @@ class BlockData:
 def feature_moments(cache: Features, split: str, key: str, chunk: int = 4096) -> dict[str, torch.Tensor]:
     """Per-element mean and per-channel mean/std of a cached feature over a whole split (float64 sums)."""
     n = cache.num_samples(split)
-    total = torch.zeros(cache.shape(key), dtype=torch.float64)
-    squares = torch.zeros_like(total)
+    total = squares = torch.zeros(cache.shape(key), dtype=torch.float64)
     for start in range(0, n, chunk):
-        x = cache.get(split, key, slice(start, min(n, start + chunk)))
-        total += x.sum(0, dtype=torch.float64)
-        squares += (x * x).sum(0, dtype=torch.float64)
+        x = cache.get(split, key, slice(start, min(n, start + chunk)))  # on the reader's device (online: the loop's)
+        total = total.to(x.device) + x.sum(0, dtype=torch.float64)
+        squares = squares.to(x.device) + (x * x).sum(0, dtype=torch.float64)
     element_mean = total / n
     channel_mean = element_mean.flatten(1).mean(1)
     channel_var = (squares / n).flatten(1).mean(1) - channel_mean ** 2
@@ -267,6 +266,7 @@ def train_block(net: SupernetBlock, data: BlockData, cfg: Supernet, loop: runtim
                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Train (or resume) one block's supernet at ``cfg.lr`` (the stage sets a block's own lr there); returns the
     per-epoch history of results. Rank 0 writes the checkpoint."""
+    runtime.shard().check(cfg.batch_size, "supernet.batch_size")
     net = runtime.to_device_model(net, loop.device, loop.channels_last)
     optimizer = create_optimizer_v2(net, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=cfg.epochs, decay_epochs=1,
@@ -329,28 +329,30 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, precision: 
                  cfg: Supernet, loop: runtime.Loop, epoch: int) -> dict[str, float]:
     """``train_samples`` fresh random train samples (all by default), one sampled path per step.
 
-    Under DDP each rank takes every world-th batch of the same order. The loss sum stays on the device (no sync
-    per step) in float64, as exact as Python floats, and is all-reduced there (NCCL takes device tensors only).
+    Under DDP ``batch_size`` is the global batch and each rank takes its part (``runtime.Shard``), with the global
+    batch's BN statistics: the steps one process takes. The loss sum stays on the device (no sync per step) in
+    float64, as exact as Python floats, and is all-reduced there (NCCL takes device tensors only).
     """
     net = runtime.unwrap(model)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = runtime.shard()
     rng = _rng(loop.seed, net.block, 2, epoch)
     n_train = data.cache.num_samples("train")
     order = rng.permutation(n_train)[:cfg.train_samples or n_train]
     sampler = PathSampler(net.block, cfg.sampler, rng)
-    steps = len(order) // (cfg.batch_size * world)
+    steps = len(order) // cfg.batch_size
     bs = cfg.batch_size
-    indices = [order[first:first + bs] for first in range(rank * bs, steps * world * bs, world * bs)]
+    indices = [order[first:first + bs][shard.part(bs)] for first in range(0, steps * bs, bs)]
     model.train()
     stats, start = torch.zeros(2, dtype=torch.float64, device=loop.device), time.perf_counter()  # loss sum, samples
     pairs = data.batches("train", indices, loop.device, loop.channels_last)
     for x, t in runtime.progress(pairs, loop.progress, total=steps, desc=f"{net.block.name} epoch {epoch + 1}"):
         cid = sampler()  # every rank draws the same path: same seed, same sequence
-        with precision.autocast():
+        with precision.autocast(), runtime.global_batch_norm():
             y = model(x, cid)
         loss = F.mse_loss(y.float(), net.to_target_units(t))
+        scaled = shard.global_mean(loss, len(x), bs)
         optimizer.zero_grad(set_to_none=True)  # unsampled ops keep grad None, so Adam leaves them alone
-        precision.backward(loss)
+        precision.backward(scaled)
         precision.step(optimizer)
         stats[0] += loss.detach().double() * len(x)
         stats[1] += len(x)

@@ -44,7 +44,7 @@ def create_teacher(cfg: Teacher, in_chans: int, num_classes: int) -> nn.Module:
     import timm
 
     check_name(cfg.name)
-    kwargs: dict[str, Any] = dict(cfg.kwargs)
+    kwargs: dict[str, Any] = {k: v for k, v in cfg.kwargs.items() if v is not None}  # null: an overlay unsets it
     if cfg.pretrained and cfg.checkpoint:
         raise TeacherError("set either teacher.pretrained=true or teacher.checkpoint, not both")
     try:
@@ -191,15 +191,31 @@ def check_resolution(model: nn.Module, in_chans: int, image_size: int) -> None:
                        "(teacher.stem_stride, teacher.stem_pool=false, another teacher.name)")
 
 
-def cut_blocks(model: nn.Module, boundaries: list[int], in_chans: int, image_size: int) -> list[dict]:
-    """Per block: teacher modules, channels, stride and map sizes at the configured image size."""
+def _boundary_modules(model: nn.Module, boundaries: list[int | str]) -> list[str]:
+    """The modules that end the blocks: ``feature_info`` entries by index, or modules named directly (for stages
+    ``feature_info`` skips, such as EfficientNet's stride-1 stages), which must follow the model's order."""
     info = model.feature_info
     entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+    stages = [e["module"] for e in entries]
+    if all(isinstance(b, str) for b in boundaries):
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        unknown = [b for b in boundaries if b not in order]
+        if unknown:
+            raise TeacherError(f"teacher.boundaries names {unknown[0]!r}, which is not a module of this model: name "
+                               f"modules such as its feature stages {stages} or their siblings (e.g. blocks.3)")
+        if [order[b] for b in boundaries] != sorted(order[b] for b in boundaries):
+            raise TeacherError(f"teacher.boundaries={list(boundaries)} are not in the model's order: list them as "
+                               "the forward pass reaches them")
+        return list(boundaries)
     if max(boundaries) >= len(entries):
         raise TeacherError(f"teacher.boundaries={list(boundaries)} out of range: this model has "
-                           f"{len(entries)} feature stages (indices 0..{len(entries) - 1}: "
-                           f"{[e['module'] for e in entries]})")
-    modules = [entries[i]["module"] for i in boundaries]
+                           f"{len(entries)} feature stages (indices 0..{len(entries) - 1}: {stages})")
+    return [entries[i]["module"] for i in boundaries]
+
+
+def cut_blocks(model: nn.Module, boundaries: list[int | str], in_chans: int, image_size: int) -> list[dict]:
+    """Per block: teacher modules, channels, stride and map sizes at the configured image size."""
+    modules = _boundary_modules(model, boundaries)
     was_training = model.training
     model.eval()
     try:

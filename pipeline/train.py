@@ -15,13 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import checkpoint
 from pipeline.config import Recipe, as_dict
 from pipeline.data import Split, batches
-from pipeline.runtime import Loop, Precision, autocast, init_distributed, is_main, maybe_ddp, progress, unwrap
+from pipeline.runtime import (
+    Loop,
+    Precision,
+    autocast,
+    global_batch_norm,
+    init_distributed,
+    is_main,
+    maybe_ddp,
+    progress,
+    shard,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
@@ -56,27 +68,35 @@ def _optimizer_and_schedule(model: nn.Module, recipe: Recipe, steps_per_epoch: i
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, meta: Mapping[str, Any],
                  recipe: Recipe, loop: Loop, precision: Precision, epoch: int, steps_per_epoch: int, loss_fn: LossFn | None = None,
                  ema: nn.Module | None = None) -> dict[str, float]:
+    """One epoch. Under DDP every rank reads and augments the same global batch (the augmentation draws one process
+    makes) and trains on its part (``runtime.Shard``): the steps of one process, up to float32 rounding."""
     model.train()
-    rank, world = init_distributed()
+    part = shard()
     loss_sum, n, start = torch.zeros((), device=loop.device), 0, time.perf_counter()
     data = batches(train, meta, recipe.batch_size, loop.device, shuffle=True, seed=loop.seed, epoch=epoch,
-                   rank=rank, world=world, augment_cfg=recipe.augment, channels_last=loop.channels_last)
+                   augment_cfg=recipe.augment, channels_last=loop.channels_last)
     for step, (x, y) in enumerate(progress(data, loop.progress, total=steps_per_epoch, desc=f"epoch {epoch}")):
-        with precision.autocast():
+        if len(y) < part.world:  # a last batch too small to give every rank a row
+            break
+        batch = len(y)
+        x, y = x[part.part(batch)], y[part.part(batch)]
+        with precision.autocast(), global_batch_norm():
             logits = model(x)
             loss = (loss_fn(logits, x, y) if loss_fn is not None
                     else F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing))
         opt.zero_grad(set_to_none=True)
-        precision.backward(loss)
+        precision.backward(part.global_mean(loss, len(y), batch))
         precision.step(opt)
         updates = epoch * steps_per_epoch + step + 1
         sched.step_update(num_updates=updates)
         if ema is not None:
             ema.update(unwrap(model), step=updates)
         loss_sum += loss.detach().float() * len(y)  # no .item(): keeps the step free of syncs
-        n += len(y)
+        n += batch
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)  # the ranks' parts: the global batches' loss sum
     seconds = time.perf_counter() - start
-    return {"train/loss": float(loss_sum) / max(n, 1), "run/train_images_per_s": n * world / seconds,
+    return {"train/loss": float(loss_sum) / max(n, 1), "run/train_images_per_s": n / seconds,
             "lr": opt.param_groups[0]["lr"]}
 
 
@@ -90,8 +110,9 @@ def fit(model: nn.Module, train: Split, val: Split, meta: Mapping[str, Any], rec
     ``identity`` (plain containers naming what else defines the run: data, seed, model, initialisation, loss).
     """
     identity = {"recipe": as_dict(recipe), **(identity or {})}
-    _, world = init_distributed()
-    steps = -(-len(train.labels) // (recipe.batch_size * world))
+    init_distributed()
+    shard().check(recipe.batch_size, "train.batch_size")
+    steps = -(-len(train.labels) // recipe.batch_size)  # global batches: the same schedule on any number of ranks
     model = maybe_ddp(model, loop.device)
     opt, sched = _optimizer_and_schedule(model, recipe, steps)
     precision = Precision(loop.device, loop.amp)

@@ -28,6 +28,7 @@ from pipeline.teacher import load_teacher
 TEACHER, STUDENT = Path("artifacts/teacher"), Path("artifacts/student")
 METRICS, PLOTS = Path("metrics"), Path("plots")
 SUMMARY, LATENCY, OUT = Path("metrics/summary.json"), Path("metrics/latency.json"), Path("reports")
+ADDITIVITY = Path("metrics/additivity.json")
 log = logging.getLogger("stages.report")
 
 
@@ -66,7 +67,8 @@ def run(params: Params) -> dict:
         if figures[key]:
             draw[key](tmp / file)
     names = {"teacher": models["teacher"].default_cfg.get("architecture", "teacher"), "student": student.MODEL_NAME}
-    (tmp / "report.md").write_text(report.markdown(summary, measured, architecture, names, figures))
+    additivity = read_json(root / ADDITIVITY, "dvc repro additivity")
+    (tmp / "report.md").write_text(report.markdown(summary, measured, architecture, names, figures, additivity))
     shutil.rmtree(root / OUT, ignore_errors=True)
     os.replace(tmp, root / OUT)
     write_metrics(root / SUMMARY, summary)

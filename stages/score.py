@@ -1,4 +1,5 @@
-"""DVC stage `score@bN`: rate every candidate of block N (DNA Sec. 3.3) on the val split's cached features.
+"""DVC stage `score@bN`: rate every candidate of block N (DNA Sec. 3.3) on the val split's teacher features (cached,
+or computed by the teacher as they are read when the cache stage chose cache.mode=online).
 
     python stages/score.py block=b1 [key=value ...]
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from pipeline import cli, runtime, tracking
 from pipeline.config import Params, as_dict, repo_root
-from pipeline.features import FeatureCache
+from pipeline.features import open_features
 from pipeline.records import write_metrics
 from pipeline.scoring import (
     constant_errors,
@@ -38,7 +39,8 @@ from pipeline.supernet import (
     load_trained,
 )
 
-FEATURES, METRICS_DIR = Path("artifacts/features"), Path("metrics/score")
+FEATURES, TEACHER, PREPARED = Path("artifacts/features"), Path("artifacts/teacher"), Path("data/prepared")
+METRICS_DIR = Path("metrics/score")
 log = logging.getLogger("stages.score")
 
 
@@ -46,12 +48,13 @@ def run(params: Params, block: str) -> dict[str, float]:
     root = repo_root()
     spec = build_space(params.space, load_teacher_blocks(root / TEACHER_BLOCKS)).block(block)
     device = runtime.select_device(params.runtime)
-    cache = FeatureCache(root / FEATURES)
+    in_key, target_key = feature_keys(list(params.space.blocks), block)
+    cache = open_features(root / FEATURES, teacher_dir=root / TEACHER, prepared_dir=root / PREPARED, device=device,
+                          upto=target_key, channels_last=params.runtime.channels_last)
     weights = checkpoint_path(root, block)
     net = SupernetBlock(spec)
     load_trained(weights, net, fingerprint(params, block, cache), rebuild=f"dvc repro supernet@{block}")
     net = runtime.to_device_model(net, device, params.runtime.channels_last)
-    in_key, target_key = feature_keys(list(params.space.blocks), block)
     rating = load_rating_data(BlockData(cache, in_key, target_key), params.score, params.seed, device,
                               params.runtime.channels_last)
     # DNA ranking lesson: a block must beat a predictor that ignores its input (the per-element train mean)

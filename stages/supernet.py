@@ -1,4 +1,5 @@
-"""DVC stage `supernet@bN`: train block N's supernet on the cached teacher features (DNA Sec. 3.2).
+"""DVC stage `supernet@bN`: train block N's supernet on the teacher's features (DNA Sec. 3.2), cached or, when the
+cache stage chose cache.mode=online, computed by the teacher from the prepared images as batches are read.
 
     python stages/supernet.py block=b1 [key=value ...]
     torchrun --standalone --nproc_per_node 2 stages/supernet.py block=b1     # DDP (gloo on CPU, nccl on GPU)
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from pipeline import cli, runtime, tracking
 from pipeline.config import Params, as_dict, repo_root
-from pipeline.features import FeatureCache
+from pipeline.features import open_features
 from pipeline.records import write_metrics
 from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
 from pipeline.supernet import (
@@ -33,7 +34,7 @@ from pipeline.supernet import (
     train_block,
 )
 
-FEATURES = Path("artifacts/features")
+FEATURES, TEACHER, PREPARED = Path("artifacts/features"), Path("artifacts/teacher"), Path("data/prepared")
 METRICS_DIR, PLOTS_DIR = Path("metrics/supernet"), Path("plots/supernet")
 log = logging.getLogger("stages.supernet")
 
@@ -44,8 +45,9 @@ def run(params: Params, block: str) -> list[dict[str, float]]:
     runtime.init_distributed()
     device = runtime.select_device(params.runtime)
     runtime.seed_everything(params.seed)
-    cache = FeatureCache(root / FEATURES, verify=runtime.is_main())
     in_key, target_key = feature_keys(list(params.space.blocks), block)
+    cache = open_features(root / FEATURES, teacher_dir=root / TEACHER, prepared_dir=root / PREPARED, device=device,
+                          upto=target_key, verify=runtime.is_main(), channels_last=params.runtime.channels_last)
     net = SupernetBlock(spec)
     if params.supernet.target_norm:
         stats = feature_moments(cache, "train", target_key)

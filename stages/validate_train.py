@@ -6,7 +6,9 @@ Reads artifacts/validate/archs.json and the prepared data. Each architecture x s
 in artifacts/validate/runs/<name>/seed<k>/ (a per-epoch checkpoint while it trains, result.json when done), so an
 interrupted stage continues where it stopped and a changed recipe retrains only what it affects.
 validate.workers units train at once in separate processes, the CPU threads split between them; the
-costliest start first. Writes artifacts/validate/results.csv; MLflow gets one child run per unit.
+costliest start first. validate.shard=i/n trains only the units whose index % n == i (machine i of n; copy the
+run folders together, then validate_report gathers them). Writes artifacts/validate/results.csv (every finished
+unit found, whichever machine trained it); MLflow gets one child run per unit.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
 from pipeline import cli, student, tracking, validation
-from pipeline.checkpoint import atomic
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.data import load_meta
 from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
@@ -41,27 +43,29 @@ def run(params: Params) -> list[dict[str, Any]]:
     spec = build_space(params.space, load_teacher_blocks(root / TEACHER_BLOCKS))
     for a in archs:
         student.choice_of({"candidates": list(a.candidates)}, spec, str(OUT / "archs.json"), SAMPLE)
-    workers = min(v.workers, len(archs) * v.seeds)
+    every = validation.jobs(archs, params, root)  # costliest first
+    mine = validation.shard(every, v.shard)
+    workers = max(1, min(v.workers, len(mine)))
     threads = params.runtime.threads or max(1, len(os.sched_getaffinity(0)) // workers)
-    jobs = [validation.Job(a, params.seed + k, root / OUT / "runs" / a.name / f"seed{k}", root, params, threads)
-            for a in sorted(archs, key=lambda a: -a.flops) for k in range(v.seeds)]  # costliest first
+    mine = [replace(job, threads=threads) for job in mine]
     tracked = {"validate": as_dict(v), "space": as_dict(params.space), "seed": params.seed}
     with tracking.stage_run("validate_train", tracked, root, params.tracking.experiment):
-        done = [(job, validation.finished(job)) for job in jobs]
+        done = [(job, validation.finished(job)) for job in mine]
         results = [result for _, result in done if result is not None]
         pending = [job for job, result in done if result is None]
-        log.info("%d of %d units to train (%d already done), %d at a time with %d threads each", len(pending),
-                 len(jobs), len(results), workers, threads)
+        part = f" (shard {v.shard} of {len(every)} units)" if v.shard else ""
+        log.info("%d of %d units to train (%d already done)%s, %d at a time with %d threads each", len(pending),
+                 len(mine), len(results), part, workers, threads)
         for job, result in _train(pending, workers):
             _log_unit(job, result)
             results.append(result)
             log.info("%s seed %d: val acc %.4f in %.0f s (%d/%d)", job.arch.name, job.seed, result["val_acc"],
-                     result["run/seconds"], len(results), len(jobs))
+                     result["run/seconds"], len(results), len(mine))
         tracking.log_metrics({"units": len(results),
                               "run/unit_seconds": sum(r.get("run/seconds", 0.0) for r in results)})
-    results.sort(key=lambda r: (r["name"], r["seed"]))
-    _write_csv(root / OUT / "results.csv", results)
-    return results
+    found = sorted((r for r in map(validation.finished, every) if r is not None), key=lambda r: (r["name"], r["seed"]))
+    validation.write_rows(root / OUT / "results.csv", found, COLUMNS)
+    return found
 
 
 def _train(jobs: list[validation.Job], workers: int):
@@ -90,13 +94,6 @@ def _log_unit(job: validation.Job, result: dict[str, Any]) -> None:
         with contextlib.suppress(OSError), open(job.out_dir / validation.EPOCHS, newline="") as f:
             for row in csv.DictReader(f):
                 tracking.log_metrics({k: float(x) for k, x in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":

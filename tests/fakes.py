@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import assembly, costs, space
-from pipeline.config import Params, Teacher, as_dict, validate
+from pipeline.config import COUNTED_METRICS, Params, Teacher, as_dict, validate
 from pipeline.data import Split
 from pipeline.features import FeatureCache, write_features
 from pipeline.smoke import OVERLAY as SMOKE_OVERLAY
@@ -38,12 +38,13 @@ BLOCKS = ["b0", "b1", "b2"]
 TINY = {
     "teacher": {"boundaries": [1, 2, 3]},
     "runtime": {"progress": False, "channels_last": True, "threads": 1},
-    "space": {"ops": ["k3e3", "k5e6"], "stem": 8, "head": 32,
+    "space": {"ops": ["k3e3", "k5e6"], "identity": False, "stem": 8, "head": 32,
               "blocks": {"b0": {"width": 8, "cells": [{"layers": 2}]},
                          "b1": {"width": 16, "cells": [{"layers": 3, "width": 8}, {"layers": 1}]},
                          "b2": {"width": 16, "cells": [{"layers": 2}]}}},
     "supernet": {"epochs": 2, "batch_size": 16, "val_samples": 32, "val_paths": 2},
     "score": {"batches": 4, "batch_size": 16, "bn_batch_size": 16},
+    "search": {"metric": "params", "budget": 650000, "relative": False},  # counted: tables need no timing
 }
 
 
@@ -77,9 +78,11 @@ def teacher_blocks() -> dict:
 
 def tiny_yaml(overrides: Sequence[str] = ()) -> DictConfig:
     """params.yaml under the smoke overlay (configs/smoke.yaml), then the tiny space (its block dict replaced, not
-    merged) and ``overrides``: the settings `make smoke` runs, shrunk to the stand-in teacher."""
+    merged), a params search without limits (tests that time latency say so) and ``overrides``: the settings
+    `make smoke` runs, shrunk to the stand-in teacher."""
     base = OmegaConf.merge(OmegaConf.load(REPO / "params.yaml"), OmegaConf.load(REPO / SMOKE_OVERLAY))
     base.space.blocks = {}
+    base.search.limits = {}
     return OmegaConf.merge(base, TINY, OmegaConf.from_dotlist(list(overrides)))
 
 
@@ -200,10 +203,8 @@ def write_scores(out: Path, spec: space.SpaceSpec, seed: int = 0) -> None:
 
 def write_counted_costs(out: Path, spec: space.SpaceSpec) -> None:
     """The costs stage's folder with the counted metrics only (params, FLOPs): nothing timed, seconds to build."""
-    blocks = {b.name: {cid: {"params": float(c.params), "flops": float(c.flops)}
-                       for cid in b.candidates() for c in [space.candidate_cost(b, cid)]} for b in spec.blocks}
-    fixed = space.fixed_parts_cost(spec)
-    tables = costs.CostTables(["params", "flops"], blocks, {"params": float(fixed.params), "flops": float(fixed.flops)},
+    blocks = {b.name: {cid: space.candidate_cost(b, cid).counted() for cid in b.candidates()} for b in spec.blocks}
+    tables = costs.CostTables(list(COUNTED_METRICS), blocks, space.fixed_parts_cost(spec).counted(),
                               {}, {"batch_sizes": [], "id": "counted"})
     costs.write_costs(out, spec, tables)
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pipeline import assembly, cli, tracking
 from pipeline.assembly import AssemblyError, ExactSearch, optuna_search, read_tables, synthetic_tables
 from pipeline.checkpoint import ArtifactError
-from pipeline.config import ConfigError, load_params
+from pipeline.config import COUNTED_METRICS, ConfigError, load_params
 from tests.fakes import REPO, write_counted_costs
 
 # ---------------------------------------------------------------------------------------------- brute force
@@ -433,9 +433,16 @@ def test_trials_are_logged_as_steps_of_the_active_run(default_shaped, mlflow_uri
 @pytest.fixture
 def stage_root(repo_copy, mlflow_uri, monkeypatch):
     """A scratch repository root with the default-shaped tables in artifacts/scores, the counted costs of the
-    default space in artifacts/costs."""
+    default space in artifacts/costs: the default config over DNA's six ops (the synthetic tables' names),
+    searched on params (counted costs need no timing)."""
+    from omegaconf import OmegaConf
+
     from pipeline import space
 
+    cfg = OmegaConf.load(repo_copy / "params.yaml")
+    cfg.space.update(ops=["k3e3", "k3e6", "k5e3", "k5e6", "k7e3", "k7e6"], identity=False)
+    cfg.search.update(metric="params", budget=650000, relative=False, limits={})
+    (repo_copy / "params.yaml").write_text(OmegaConf.to_yaml(cfg))
     write_tables(repo_copy / "artifacts" / "scores", synthetic_tables(seed=0))
     spec = space.build_space(load_params([], root=repo_copy).space, teacher_blocks())
     write_counted_costs(repo_copy / "artifacts" / "costs", spec)
@@ -515,7 +522,7 @@ def test_pipeline_mode_uses_the_space(stage_root):
     stage.run(params)
     arch = json.loads((stage_root / "artifacts" / "search" / "architecture.json").read_text())
     assert arch["blocks"] == ["b0", "b1", "b2", "b3"] and arch["method"] == "optuna"
-    assert arch["fixed_cost"] == {"params": fixed.params, "flops": fixed.flops} and fixed.params > 0
+    assert arch["fixed_cost"] == fixed.counted() and fixed.params > 0
     assert len(arch["arch"]) == 4 and decode_arch_def(arch["arch"])
     assert len(arch["top_k"]) == 3 and arch["top_k"][0]["candidates"] == arch["exact"]["candidates"]
     assert arch["optuna"]["trials"] == 30 and arch["optuna"]["gap"] >= 0
@@ -547,12 +554,13 @@ def _latency_costs(root: Path, spec, fingerprint: dict) -> dict:
     from pipeline import costs, space
 
     def row(cost) -> dict:
-        return {"params": float(cost.params), "flops": float(cost.flops), "latency_b1": cost.flops / 3e6,
+        return {**{m: float(v) for m, v in cost.counted().items()}, "latency_b1": cost.flops / 3e6,
                 "latency_b256": cost.flops / 1e5}
 
     blocks = {b.name: {cid: row(space.candidate_cost(b, cid)) for cid in b.candidates()} for b in spec.blocks}
-    teacher = {"params": 2811274.0, "flops": 33250048.0, "latency_b1": 3.0, "latency_b256": 180.0}
-    tables = costs.CostTables(["params", "flops", "latency_b1", "latency_b256"], blocks,
+    teacher = {"params": 2811274.0, "flops": 33250048.0, "flops_dna": 33300000.0, "latency_b1": 3.0,
+               "latency_b256": 180.0}
+    tables = costs.CostTables([*COUNTED_METRICS, "latency_b1", "latency_b256"], blocks,
                               row(space.fixed_parts_cost(spec)), teacher, fingerprint)
     costs.write_costs(root / "artifacts" / "costs", spec, tables)
     return teacher

@@ -45,7 +45,7 @@ def test_as_dict_round_trips_through_validate():
     assert validate(as_dict(p)) == p
 
 
-OPEN_MAPPINGS = ("teacher.kwargs", "space.blocks")  # free-form: params.yaml is their only source
+OPEN_MAPPINGS = ("teacher.kwargs", "space.blocks", "search.limits")  # free-form: params.yaml is their only source
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from pipeline import costs, latency, space
 from pipeline.checkpoint import ArtifactError
-from pipeline.config import ConfigError, Costs
+from pipeline.config import ConfigError, Costs, load_params
 from tests.fakes import TEACHER, load_stage, params_at, teacher_blocks, tiny_params, tiny_yaml
 
 FAST = ["costs.batch_sizes=[1,2]", "costs.repeats=2", "costs.warmup=1", "costs.calibrate=2",
@@ -50,14 +50,14 @@ def _copy(costs_root: Path, tmp_path: Path) -> Path:
 # -------------------------------------------------------------------------------------------- registry
 def test_registry_names_measured_and_unknown_metrics() -> None:
     cfg = Costs()
-    assert costs.metric_names(cfg) == ["params", "flops", "latency_b1", "latency_b256"]
+    assert costs.metric_names(cfg) == ["params", "flops", "flops_dna", "latency_b1", "latency_b256"]
     assert costs.check_metric("flops", cfg).exact and costs.check_metric("flops", cfg).tolerance == 0
     latency = costs.check_metric("latency_b256", cfg)
     assert latency.measured and latency.batch == 256 and latency.unit == "ms" and latency.tolerance == cfg.tolerance
     with pytest.raises(ConfigError) as err:
         costs.check_metric("energy", cfg)
     assert "\n" not in str(err.value)
-    assert "'search.metric' = 'energy'" in str(err.value) and "params, flops, latency_b1, latency_b256" in str(err.value)
+    assert "'search.metric' = 'energy'" in str(err.value) and "params, flops, flops_dna, latency_b1, latency_b256" in str(err.value)
     with pytest.raises(ConfigError, match=r"batch 64 is not measured: add it to costs.batch_sizes=\[1, 256\]"):
         costs.check_metric("latency_b64", cfg)
 
@@ -93,13 +93,13 @@ def test_tables_count_exactly_and_sum_their_layers() -> None:
     cfg = tiny_params(FAST).costs
     teacher = latency.teacher_item(TEACHER, teacher_blocks())
     tables, _ = latency.measure_space(spec, cfg, True, teacher=teacher)
-    assert tables.metrics == ["params", "flops", "latency_b1", "latency_b2"]
+    assert tables.metrics == ["params", "flops", "flops_dna", "latency_b1", "latency_b2"]
     for block in spec.blocks:
         rows = tables.blocks[block.name]
         assert list(rows) == list(block.candidates())
         for cid, row in rows.items():
             cost = space.candidate_cost(block, cid)
-            assert (row["params"], row["flops"]) == (cost.params, cost.flops)
+            assert {m: row[m] for m in cost.counted()} == cost.counted()
             assert row["latency_b1"] > 0 and row["latency_b2"] > 0
     b1 = spec.block("b1")
     with_skip = tables.blocks["b1"]["d3w8:k3e3-skip-k5e6"]["latency_b1"]
@@ -108,7 +108,7 @@ def test_tables_count_exactly_and_sum_their_layers() -> None:
              (("k3e3", "k3e3", "k5e6"), ("k3e3", "k5e6", "k5e6"))]
     assert with_skip < min(parts) and len(cell.layers) == 3
     fixed = space.fixed_parts_cost(spec)
-    assert (tables.fixed["params"], tables.fixed["flops"]) == (fixed.params, fixed.flops)
+    assert {m: tables.fixed[m] for m in fixed.counted()} == fixed.counted()
     assert tables.fixed["latency_b1"] == pytest.approx(sum(p["latency_b1"] for p in tables.parts.values()))
     assert tables.calibration["students"] == 2 and tables.calibration["latency_b2"] > 0
     teacher_cost = space.module_cost(teacher.module, teacher.shape)
@@ -123,7 +123,7 @@ def test_stage_writes_the_costs_contract(costs_root: Path) -> None:
     for block in spec.blocks:
         with open(costs.table_path(out, block), newline="") as f:
             rows = list(csv.DictReader(f))
-        assert list(rows[0]) == ["candidate", "params", "flops", "latency_b1", "latency_b2"]
+        assert list(rows[0]) == ["candidate", "params", "flops", "flops_dna", "latency_b1", "latency_b2"]
         assert [r["candidate"] for r in rows] == list(block.candidates())
         assert all(int(r["params"]) == space.candidate_cost(block, r["candidate"]).params for r in rows)
     fp = json.loads((out / costs.FINGERPRINT).read_text())
@@ -131,7 +131,7 @@ def test_stage_writes_the_costs_contract(costs_root: Path) -> None:
     assert fp == costs.fingerprint(cfg, True)
     assert {"backend", "device_name", "threads", "batch_sizes", "torch", "timm", "clock", "id"} <= set(fp)
     assert fp["threads"] == 1 and fp["clock"] == "thread_cpu" and fp["batch_sizes"] == [1, 2]
-    assert set(json.loads((out / costs.TEACHER).read_text())) == {"params", "flops", "latency_b1", "latency_b2"}
+    assert set(json.loads((out / costs.TEACHER).read_text())) == {"params", "flops", "flops_dna", "latency_b1", "latency_b2"}
     read = costs.read_costs(out, spec, "latency_b2", fp)
     assert read.metric.measured and list(read.blocks) == ["b0", "b1", "b2"] and read.fixed > 0
     fixed = json.loads((out / costs.FIXED).read_text())
@@ -214,3 +214,27 @@ def test_additivity_compares_whole_students() -> None:
     assert result.uncalibrated.predicted[0] == pytest.approx(result.predicted[0] / tables.calibration["latency_b1"])
     calibration = latency.random_choices(spec, 3, seed=1, stream=costs.CALIBRATION)
     assert calibration != choices  # the students checked are not those the tables were calibrated on
+
+
+def test_additivity_stage_writes_both_predictions(costs_root: Path, tmp_path: Path, monkeypatch) -> None:
+    root = Path(shutil.copytree(costs_root, tmp_path / "root"))
+    monkeypatch.chdir(root)
+    params = load_params(["costs.additivity=3"], root=root)
+    result = load_stage("additivity").run(params)
+    written = json.loads((root / "metrics/additivity.json").read_text())
+    assert written == json.loads(json.dumps(result)) and written["students"] == 3
+    for name in ("same_rounds", "stage_tables"):
+        assert set(written[name]) == {"latency_b1", "latency_b2"}
+        for s in written[name].values():
+            assert s["students"] == 3 and 0 <= s["median"] <= s["p90"] <= s["max"] and s["measured_median_ms"] > 0
+    # the same measured students: only the prediction differs between the two rows
+    assert written["same_rounds"]["latency_b2"]["measured_median_ms"] == \
+        written["stage_tables"]["latency_b2"]["measured_median_ms"]
+    assert isinstance(written["met"], bool)
+    skipped = load_stage("additivity").run(load_params(["costs.additivity=0"], root=root))
+    assert skipped["students"] == 0 and "same_rounds" not in skipped
+
+
+def test_additivity_of_one_student_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"costs\.additivity.*>= 2 students"):
+        tiny_params(["costs.additivity=1"])

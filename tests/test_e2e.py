@@ -88,6 +88,16 @@ def test_mlflow_holds_one_child_run_per_stage(smoke):
     assert any(k.startswith("teacher/") for k in parents[0].data.metrics), "dvc metrics belong on the parent"
 
 
+def test_report_shows_the_latency_prediction_and_additivity(smoke):
+    dest, _ = smoke
+    additivity = json.loads((dest / "metrics/additivity.json").read_text())
+    assert additivity["students"] == 2 and set(additivity["same_rounds"]) == {"latency_b1", "latency_b256"}
+    latency = json.loads((dest / "metrics/latency.json").read_text())
+    assert latency["student"]["latency_b1"] > 0 and "relative_error" in latency["predicted"]
+    report = (dest / "reports/report.md").read_text()
+    assert "## Additivity: 2 random whole students" in report and "| the costs stage's | latency_b256 |" in report
+
+
 def test_main_workspace_untouched(smoke):
     dest, _ = smoke
     assert json.loads((dest / "data/prepared/meta.json").read_text())["sizes"]["train"] == 540

@@ -63,7 +63,7 @@ def test_prefix_shared_scores_equal_naive_scores(seed: int, overrides: list[str]
 
 def test_theoretical_speedup_limit_counts_distinct_prefixes() -> None:
     def limit(layers: int) -> float:
-        params = load_params([f"space.blocks.b1.cells=[{{layers:{layers}}}]"], root=REPO)
+        params = load_params([f"space.blocks.b1.cells=[{{layers:{layers}}}]", "space.identity=false"], root=REPO)
         naive, prefix = scoring.layer_evaluations(build_space(params.space, resnet18_blocks()).block("b1"))
         return naive / prefix
 

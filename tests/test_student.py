@@ -139,7 +139,7 @@ def test_architecture_that_does_not_fit_fails_naming_the_fix(tmp_path: Path, goo
     path = tmp_path / "architecture.json"
     path.write_text(json.dumps(architecture))
     with pytest.raises(student.StudentError, match="dvc repro assemble") as err:
-        student.from_architecture(path, spec, META, Search(metric="params", budget=15000))
+        student.from_architecture(path, spec, META, Search(metric="params", budget=15000, relative=False))
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
@@ -152,7 +152,7 @@ def test_budget_the_real_student_cannot_meet_fails_before_training(tmp_path: Pat
     path = tmp_path / "architecture.json"
     path.write_text(json.dumps(architecture))
     with pytest.raises(student.StudentError, match=f"over its ceiling {over} .*: raise it or shrink"):
-        student.from_architecture(path, spec, META, Search(metric="params", budget=over))
+        student.from_architecture(path, spec, META, Search(metric="params", budget=over, relative=False))
 
 
 @pytest.mark.parametrize("content", [None, "{not json", json.dumps({"blocks": ["b0"]})])

@@ -1,9 +1,17 @@
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import mlflow
+import psutil
+import pytest
 
-from pipeline import tracking
+from pipeline import cli, repro, tracking
+from tests.fakes import REPO
 
 
 def test_fresh_store_survives_concurrent_starts(tmp_path):
@@ -74,3 +82,98 @@ def test_stages_of_one_dvc_experiment_share_a_parent_named_after_it(tmp_path, mo
     parent = client.get_run(parents["exp-a", "retrain"])
     assert parent.info.run_name == "exp-a" and parent.data.tags["dvc.exp"] == "exp-a"
     assert parent.info.status == "FINISHED", "a parent must not stay RUNNING after its last stage"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_server_that_does_not_answer_fails_in_one_line_before_the_stage_runs(tmp_path, monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # repo_root(): nothing may be written there either
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(lambda params: pytest.fail("the stage ran"), [])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert uri in err and "make server" in err and "MLFLOW_TRACKING_URI" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_repro_checks_the_server_before_dvc_starts(tmp_path, monkeypatch, capsys):
+    shutil.copy(REPO / "params.yaml", tmp_path)  # no dvc.yaml here: a DVC start would fail differently
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    assert repro.main([]) == 2
+    assert time.monotonic() - start < 30, "MLflow's client retries: the check must come first"
+    err = capsys.readouterr().err
+    assert err.startswith("error: MLflow tracking server http://127.0.0.1:") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the tests below (a fresh one takes seconds to migrate); each test its own experiment."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    tracking.init_store(uri)
+    return uri
+
+
+@pytest.fixture
+def experiment(store, request, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return request.node.name
+
+
+def _raise_valueerror() -> None:
+    raise ValueError("a bug")
+
+
+def _raise_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)  # the handler raises in here
+
+
+@pytest.mark.parametrize(("stop", "error", "status"), [
+    (_raise_valueerror, ValueError, "FAILED"), (_raise_interrupt, KeyboardInterrupt, "KILLED"),
+    (_sigterm_self, tracking.Terminated, "KILLED")])
+def test_a_stopped_stage_does_not_stay_running(store, experiment, tmp_path, stop, error, status):
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(error), tracking.stage_run("teacher", {"seed": 0}, tmp_path, experiment) as run:
+        stop()
+    assert mlflow.MlflowClient(store).get_run(run.info.run_id).info.status == status
+    assert signal.getsignal(signal.SIGTERM) is handler, "the stage's SIGTERM handler must not outlive its run"
+
+
+def test_runs_left_running_by_dead_processes_of_this_host_end_killed(store, experiment, tmp_path):
+    client = mlflow.MlflowClient(store)
+    experiment_id = client.create_experiment(experiment)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host, me = socket.gethostname(), str(os.getpid())
+    before_me = int((psutil.Process().create_time() - 3600) * 1000)  # a run of an earlier process with my pid
+    runs = {name: client.create_run(experiment_id, run_name=name, tags={"host": h, "pid": pid}, start_time=t).info
+            for name, h, pid, t in (("dead", host, str(dead.pid), None), ("alive", host, me, None),
+                                    ("reused", host, me, before_me), ("elsewhere", "other-host", str(dead.pid), None))}
+    with tracking.stage_run("prepare", {"seed": 0}, tmp_path, experiment):
+        pass
+    status = {name: client.get_run(info.run_id).info.status for name, info in runs.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "reused": "KILLED", "elsewhere": "RUNNING"}
+
+
+def test_the_experiment_opens_on_the_model_training_view(store, experiment, tmp_path):
+    client = mlflow.MlflowClient(store)
+    client.create_experiment(f"{experiment}-older")  # made before the tag existed: it is added on first use
+    for name in (f"{experiment}-older", experiment):
+        with tracking.stage_run("prepare", {"seed": 0}, tmp_path, name):
+            pass
+        assert client.get_experiment_by_name(name).tags == tracking.EXPERIMENT_KIND

@@ -1,15 +1,17 @@
 """The ranking check's library: drawing architectures, rank statistics, the searched-vs-random comparison."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline import validation
 from pipeline.assembly import synthetic_tables
-from pipeline.config import ConfigError
+from pipeline.checkpoint import ArtifactError
+from pipeline.config import ConfigError, load_params
 from stages.validate_report import TRAIN
-from tests.fakes import tiny_params
+from tests.fakes import REPO, load_stage, teacher_blocks, tiny_params, tiny_yaml, write_prepared
 
 FIXED = {"params": 50_000.0, "flops": 1_000_000.0}
 
@@ -104,26 +106,7 @@ def _sampled(names):
             for n in names]
 
 
-def test_missing_or_short_results_name_the_stage_to_run(tmp_path):
-    from pipeline.checkpoint import ArtifactError
-
-    with pytest.raises(ArtifactError, match="validate/dvc.yaml:validate_train"):
-        validation.read_results(tmp_path / "results.csv", _sampled(["s00"]), 1, TRAIN)
-    (tmp_path / "results.csv").write_text("name,kind,seed,val_acc,val_loss,seconds\n"
-                                          "s00,stratified,1,0.9,0.4,1\ns00,stratified,0,0.8,0.5,1\n"
-                                          "r00,random,0,0.7,0.6,1\n")
-    assert validation.read_results(tmp_path / "results.csv", _sampled(["s00", "r00"]), 1, TRAIN) == {
-        "s00": {"val_acc": [0.8], "val_loss": [0.5]}, "r00": {"val_acc": [0.7], "val_loss": [0.6]}}
-    with pytest.raises(ArtifactError, match=r"lacks results for r00 \(2 seed"):
-        validation.read_results(tmp_path / "results.csv", _sampled(["s00", "r00"]), 2, TRAIN)
-    (tmp_path / "results.csv").write_text("name,kind,seed,val_acc\ns00,stratified,zero,0.8\n")
-    with pytest.raises(ArtifactError, match="unreadable"):
-        validation.read_results(tmp_path / "results.csv", _sampled(["s00"]), 1, TRAIN)
-
-
 def test_a_corrupt_architecture_list_names_the_stage_to_rerun(tmp_path):
-    from pipeline.checkpoint import ArtifactError
-
     with pytest.raises(ArtifactError, match="validate_sample"):
         validation.read_sampled(tmp_path / "archs.json")
     (tmp_path / "archs.json").write_text('{"architectures": [{"name": "s00"}]}')
@@ -141,3 +124,147 @@ def test_a_stale_searched_architecture_names_the_fix(tables):
         validation.draw(tables, FIXED, "params", None, stale, 3, 1, 0.1, seed=0)
     with pytest.raises(validation.ValidationError, match="3 blocks, the score tables 4"):
         validation.draw(tables, FIXED, "params", None, _searched(tables)[:3], 3, 1, 0.1, seed=0)
+
+
+def test_paired_bootstrap_finds_the_better_predictor():
+    """Same resamples for both: a predictor with a tenth of the other's noise leads it with confidence, in tau and rho;
+    two equally noisy copies of one predictor do not."""
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=25)
+    good, bad = truth + rng.normal(0, 0.1, 25), truth + rng.normal(0, 1.5, 25)
+    m = validation.rank_quality(truth, {"dna_score": good, "spos": bad, "twin": good + 1e-9 * rng.normal(size=25),
+                                        "params": rng.normal(size=25)}, 500, seed=0)
+    assert m["dna_score/minus_spos_lo"] > 0 and m["dna_score/minus_spos_rho_lo"] > 0
+    assert m["dna_score/minus_twin_lo"] <= 0 <= m["dna_score/minus_twin_hi"]
+    for name in ("dna_score", "spos", "twin", "params"):
+        assert m[f"{name}/rho_lo"] <= m[f"{name}/rho"] <= m[f"{name}/rho_hi"]
+    assert m["dna_score/minus_params_lo"] > 0 and "spos/minus_params_lo" in m, "each predictor minus params, as before"
+    unpaired = validation.rank_quality(truth, {"dna_score": good, "spos": bad}, 500, seed=1)
+    assert unpaired["dna_score/tau_lo"] != m["dna_score/tau_lo"], "the seed picks the resamples"
+
+
+def _synthetic_report(n: int = 18, seeds: int = 2):
+    rng = np.random.default_rng(0)
+    kinds = ["stratified"] * (n - 6) + ["random"] * 5 + ["searched"]
+    archs = [validation.Sampled("searched" if k == "searched" else f"{k[0]}{i:02d}", k, ("k3e3",) * 4,
+                                float(rng.integers(1e5, 1e6)), float(rng.integers(1e7, 1e8)), float(rng.random()),
+                                tuple(rng.random(4))) for i, k in enumerate(kinds)]
+    by_seed = {a.name: {"val_acc": list(rng.uniform(0.8, 0.9, seeds)), "val_loss": list(rng.uniform(0.3, 0.5, seeds))}
+               for a in archs}
+    rated = {"spos": {a.name: float(rng.random()) for a in archs}, "naswot": {a.name: float(rng.normal(300, 5))
+                                                                             for a in archs}}
+    return archs, by_seed, rated
+
+
+def test_the_report_keeps_every_committed_key_and_adds_the_new_predictors():
+    archs, by_seed, rated = _synthetic_report()
+    metrics, rows = validation.report_metrics(archs, by_seed, 2, 200, 0, rated)
+    committed = json.loads((REPO / "metrics/validate.json").read_text())
+    assert set(committed) - {"spos/compute_ratio", "spos/images"} <= set(metrics)
+    for name in ("spos", "naswot"):
+        for key in ("tau", "tau_lo", "tau_hi", "tau_p", "rho", "rho_lo", "rho_hi", "minus_params_lo"):
+            assert f"all/{name}/{key}" in metrics
+        assert {f"all/dna_score/minus_{name}_{end}" for end in ("lo", "hi", "rho_lo", "rho_hi")} <= set(metrics)
+        assert {f"loss/{name}/tau", f"stratified/{name}/tau", f"at_budget/{name}/tau"} <= set(metrics)
+    assert rows[0]["spos"] == rated["spos"][archs[0].name]
+    page = validation.report_markdown(metrics, rows, tiny_params().validate, "params")
+    assert "SPOS accuracy" in page and "NASWOT" in page and "paired" in page
+
+
+def test_a_predictor_file_without_an_architecture_names_the_stage(tmp_path):
+    archs = _sampled(["s00", "r00"])
+    with pytest.raises(ArtifactError, match="proxy.csv is missing.*validate_proxy"):
+        validation.read_rated(tmp_path / "proxy.csv", archs, "naswot", "dvc repro validate/dvc.yaml:validate_proxy")
+    validation.write_rows(tmp_path / "proxy.csv", [{"name": "s00", "naswot": 1.5}], ("name", "naswot"))
+    with pytest.raises(ArtifactError, match=r"no naswot for r00 .*validate_proxy"):
+        validation.read_rated(tmp_path / "proxy.csv", archs, "naswot", "dvc repro validate/dvc.yaml:validate_proxy")
+    assert validation.read_rated(tmp_path / "proxy.csv", archs[:1], "naswot", "x") == {"s00": 1.5}
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+def _units(n: int):
+    archs = [validation.Sampled(f"s{i:02d}", "stratified", ("k3e3",), 1.0, float(100 - i), 0.5, (0.5,))
+             for i in range(n)]
+    return validation.jobs(archs, tiny_params(["validate.seeds=2"]), Path("/nowhere"))
+
+
+@pytest.mark.parametrize("machines", [1, 2, 3, 7])
+def test_shards_partition_the_units(machines):
+    units = _units(5)
+    parts = [validation.shard(units, f"{i}/{machines}") for i in range(machines)]
+    dirs = [job.out_dir for part in parts for job in part]
+    assert sorted(dirs) == sorted(job.out_dir for job in units) and len(set(dirs)) == len(dirs), "complete, disjoint"
+    assert validation.shard(units, "") == units
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1, "round robin: every machine gets its share"
+
+
+@pytest.mark.parametrize("value", ["2/2", "1", "a/b", "0/0", "-1/2", "1/2/3", " 0/2"])
+def test_a_bad_shard_is_one_line_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"validate\.shard.*0 <= i < n") as err:
+        tiny_params([f"validate.shard='{value}'"])
+    assert "\n" not in str(err.value)
+
+
+def test_a_shard_parses_from_the_command_line(repo_copy):
+    assert load_params(["validate.shard=1/2"], root=repo_copy).validate.shard == "1/2"
+
+
+@pytest.fixture
+def ranking_root(tmp_path, monkeypatch):
+    """params.yaml (tiny space, 1 seed), data/prepared, blocks.json and four drawn architectures; MLflow left out
+    (the stages' runs are tested end to end by the smoke DAG)."""
+    import contextlib
+
+    from omegaconf import OmegaConf
+
+    from pipeline import space, tracking
+
+    def make(name: str) -> Path:
+        root = tmp_path / name
+        (root / "artifacts/teacher").mkdir(parents=True)
+        overrides = ["validate.seeds=1", "validate.workers=1", "validate.train.batch_size=48"]
+        (root / "params.yaml").write_text(OmegaConf.to_yaml(tiny_yaml(overrides)))
+        write_prepared(root / "data/prepared")
+        (root / "artifacts/teacher/blocks.json").write_text(json.dumps(teacher_blocks()))
+        spec = space.build_space(tiny_params(overrides).space, teacher_blocks())
+        candidates = [list(b.candidates()) for b in spec.blocks]
+        archs = [validation.Sampled(f"s{i:02d}", "stratified", tuple(c[i % len(c)] for c in candidates),
+                                    1.0, float(i), 0.5, (0.5,) * 3) for i in range(4)]
+        validation.write_json(root / "artifacts/validate/archs.json", {"architectures": [a.as_json() for a in archs]})
+        return root
+
+    monkeypatch.setattr(tracking, "stage_run", lambda *a, **k: contextlib.nullcontext())
+    return make
+
+
+def test_two_shards_train_what_one_run_trains(ranking_root, monkeypatch):
+    from tests.fakes import params_at
+
+    stage = load_stage("validate_train")
+    monkeypatch.setattr(stage, "_log_unit", lambda job, result: None)
+    one, split = ranking_root("one"), ranking_root("split")
+    monkeypatch.chdir(one)
+    stage.run(params_at(one))
+    monkeypatch.chdir(split)
+    params = params_at(split)
+    first = stage.run(tiny_params_like(params, "0/2"))
+    assert len(first) == 2, "results.csv lists the finished units found"
+    units = validation.jobs(validation.read_sampled(split / "artifacts/validate/archs.json"), params, split)
+    with pytest.raises(ArtifactError, match=r"2 of 4 ranking units .*s02/seed0 \(shard 1/2\), s00/seed0 \(shard 1/2\)"
+                                            r".*validate\.shard=i/n"):
+        validation.gather(units, "0/2", TRAIN)
+    stage.run(tiny_params_like(params, "1/2"))
+    results = sorted(p.relative_to(split) for p in split.glob("artifacts/validate/runs/*/*/result.json"))
+    assert results == sorted(p.relative_to(one) for p in one.glob("artifacts/validate/runs/*/*/result.json"))
+    assert len(results) == 4
+    for path in results:
+        assert (split / path).read_bytes() == (one / path).read_bytes(), path
+    assert (split / "artifacts/validate/results.csv").read_text() == (one / "artifacts/validate/results.csv").read_text()
+    assert validation.gather(units, "", TRAIN) == validation.gather(
+        validation.jobs(validation.read_sampled(one / "artifacts/validate/archs.json"), params_at(one), one), "", TRAIN)
+
+
+def tiny_params_like(params, shard: str):
+    from dataclasses import replace
+
+    return replace(params, validate=replace(params.validate, shard=shard))
