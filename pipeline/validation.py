@@ -119,7 +119,7 @@ def draw(tables: Sequence[BlockTable], fixed: Mapping[str, float], metric: str, 
         j = int(rng.choice(free))
         taken.add(tuple(pool[j]))
         picked.append(_describe(f"s{i:02d}", "stratified", tables, fixed, pool[j]))
-    target = budget or getattr(_describe("", "", tables, fixed, searched_rows), metric)
+    target = budget or fixed[metric] + sum(float(t.cost(metric)[r]) for t, r in zip(tables, searched_rows, strict=True))
     uniform = pool[(costs <= target) & (costs >= (1 - window) * target)]
     uniform = [tuple(r) for r in np.unique(uniform, axis=0) if tuple(r) not in taken]
     if len(uniform) < random:

@@ -20,10 +20,11 @@ import mlflow
 
 from pipeline import cli, fidelity, runtime, tracking
 from pipeline.config import Params, as_dict, repo_root
-from pipeline.features import FeatureCache
+from pipeline.features import open_features
 from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
 
 FEATURES, RUNS, TABLES = Path("artifacts/features"), Path("artifacts/fidelity/runs"), Path("plots/fidelity")
+TEACHER, PREPARED = Path("artifacts/teacher"), Path("data/prepared")  # the online teacher's inputs (cache.mode)
 log = logging.getLogger("stages.fidelity_train")
 
 
@@ -33,7 +34,9 @@ def run(params: Params, block: str) -> list[dict[str, Any]]:
     scores = fidelity.read_scores(root / params.search.scores_dir / f"{block}.csv", spec, f"dvc repro score@{block}")
     drawn = fidelity.draw(scores, f.candidates, params.seed, spec)  # a bad K fails here, before any training
     device = runtime.select_device(params.runtime)
-    setup = fidelity.setup_block(params, spec, FeatureCache(root / FEATURES), device, root / RUNS / block,
+    features = open_features(root / FEATURES, teacher_dir=root / TEACHER, prepared_dir=root / PREPARED,
+                             device=device, upto=block, channels_last=params.runtime.channels_last)
+    setup = fidelity.setup_block(params, spec, features, device, root / RUNS / block,
                                  f"dvc repro validate/dvc.yaml:fidelity_train@{block}")
     units = [(cid, k) for cid in drawn for k in range(f.seeds)]
     results = {u: fidelity.finished(setup, *u) for u in units}

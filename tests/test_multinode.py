@@ -1,14 +1,16 @@
 """Multi-node DDP: two torchrun nodes of one process each (c10d rendezvous on 127.0.0.1, gloo) train what one
 process trains with the same global batch, for a supernet block and for the retrained student.
 
-Tolerance: 1e-4 relative, on every epoch's losses and on every weight tensor (its norm of difference over its
-norm). The ranks compute the same sums in another order (two half-batch reductions and an all-reduce instead of
-one reduction), so float32 rounding differs by ~1e-7 per step; measured after 6-8 steps: losses within 3e-7,
-weights within 1e-5. Per-rank BN statistics instead of the global batch's (the usual DDP default) miss it by
-5e-4..2e-3 on the losses and up to 0.5 on the weights, a different data order by more. Tensors whose true value
-and gradient are zero (a BN bias right before another train-mode BN, which removes it) hold rounding noise only:
-an absolute 1e-7 on their norm covers them. The student is trained with SGD here: Adam turns that noise into
-full-size steps of those parameters (on one process as on two), which says nothing about the sharding.
+Tolerance: 1e-4 relative on every epoch's losses and on the weights (all float tensors of the state dict as one
+vector: |a - b| / |a|), and no tensor off by more than 1e-3 of its norm + 1e-6. The ranks compute the same sums
+in another order (two part-batch reductions and an all-reduce instead of one reduction), so float32 rounding
+differs by ~1e-7 per step. Measured after 6-8 steps: losses within 4e-6, weights within 4e-6 (student) and 1e-7
+(supernet block), every tensor within 0.17 of its bound. Per-rank BN statistics instead of the global batch's
+(the usual DDP default) miss by 5e-4..1e-3 on the supernet losses, 9e-3 on its weights and 510x one tensor's
+bound; another data order by more. The absolute 1e-6 is for tensors that hold rounding noise only (norms
+1e-9..1e-7: a BN bias right before another train-mode BN, which removes it, so its true gradient is zero). The
+student is trained with SGD here: Adam turns that noise into full-size steps of those parameters (on one process
+as on two), which says nothing about the sharding.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from pipeline import checkpoint, runtime
 from pipeline.config import ConfigError, load_params
 from tests.fakes import REPO, copy_root, load_stage
 
-RTOL, ATOL = 1e-4, 1e-7
+RTOL = 1e-4
+TENSOR_RTOL, TENSOR_ATOL = 1e-3, 1e-6
 
 
 def _free_port() -> int:
@@ -65,13 +68,15 @@ def two_nodes(script: str, args: list[str], cwd: Path, env: dict[str, str], time
 
 def assert_same_weights(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor]) -> None:
     assert one.keys() == two.keys()
-    for key, a in one.items():
-        if not a.is_floating_point():
-            assert torch.equal(a, two[key]), key
-            continue
-        a, b = a.double(), two[key].double()
+    floats = [k for k, v in one.items() if v.is_floating_point()]
+    for key in one.keys() - set(floats):
+        assert torch.equal(one[key], two[key]), key  # step counters
+    for key in floats:
+        a, b = one[key].double(), two[key].double()
         diff, norm = float((a - b).norm()), float(a.norm())
-        assert diff <= RTOL * norm + ATOL, f"{key}: |a - b| = {diff:.3g}, |a| = {norm:.3g}"
+        assert diff <= TENSOR_RTOL * norm + TENSOR_ATOL, f"{key}: |a - b| = {diff:.3g}, |a| = {norm:.3g}"
+    a, b = (torch.cat([state[k].double().flatten() for k in floats]) for state in (one, two))
+    assert float((a - b).norm() / a.norm()) <= RTOL
 
 
 def _rows(path: Path) -> list[dict[str, float]]:

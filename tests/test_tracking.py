@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import mlflow
@@ -177,3 +178,15 @@ def test_the_experiment_opens_on_the_model_training_view(store, experiment, tmp_
         with tracking.stage_run("prepare", {"seed": 0}, tmp_path, name):
             pass
         assert client.get_experiment_by_name(name).tags == tracking.EXPERIMENT_KIND
+
+
+def test_an_interrupted_repro_passes_the_signal_to_dvc_once(tmp_path, monkeypatch):
+    """DVC runs in its own process group: Ctrl-C or SIGTERM on `pipeline.repro` reaches it as one SIGINT."""
+    fake = tmp_path / "dvc"
+    fake.write_text("#!/bin/bash\ntrap 'echo INT >> got; kill $!; exit 3' INT\nsleep 30 & wait\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(repro, "_DVC", str(fake))
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        repro._run_dvc(["repro"], tmp_path, dict(os.environ))
+    assert (tmp_path / "got").read_text() == "INT\n"
