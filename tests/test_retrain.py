@@ -315,6 +315,7 @@ def test_report_compares_teacher_and_student_and_logs_to_mlflow(trained, store: 
     (root / "plots/supernet").mkdir(parents=True)
     for block in ("b0", "b1", "b2"):
         (root / f"plots/supernet/{block}.csv").write_text("epoch,train_loss,val_loss\n1,0.9,0.8\n2,0.5,0.6\n")
+    (root / "metrics/additivity.json").write_text(json.dumps({"students": 0}))  # costs.additivity=0
     monkeypatch.chdir(root)
     summary = stage.run(load_params(root=root))
     saved = json.loads((root / "metrics/summary.json").read_text())
@@ -333,6 +334,7 @@ def test_report_compares_teacher_and_student_and_logs_to_mlflow(trained, store: 
     for file in ("pareto.png", "supernet_loss.png", "training.png"):
         assert f"]({file})" in page and (root / "reports" / file).stat().st_size > 1000
     assert "| params |" in page and student_metrics["search/score"] > 0
+    assert "Additivity not measured (costs.additivity=0)." in page
     runs = mlflow.search_runs(filter_string="tags.stage = 'report'", output_format="list")
     assert runs and "student_vs_teacher.params" in runs[0].data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient(store).list_artifacts(runs[0].info.run_id, "report")}
