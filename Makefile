@@ -13,7 +13,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_STORE ?= $(CURDIR)
 MLFLOW_ARGS ?=
 
-.PHONY: help setup data run smoke test bench server lint gpu-check
+.PHONY: help setup data run smoke test test-scaleout bench server lint gpu-check
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-9s %s\n", $$1, $$2}'
 
@@ -41,7 +41,10 @@ gpu-check: setup  ## smoke DAG on CUDA (amp off/on) + 1-GPU torchrun vs a CPU ru
 	$(PY) -m pipeline.gpu_check .gpu-check
 
 test: setup  ## the test suite (includes an end-to-end smoke repro), one worker per core, a test file per worker
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not scaleout"
+
+test-scaleout: setup  ## the scale-out checks on loopback: tracking server, shared remotes, 2-node torchrun (CI runs both)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m scaleout
 
 bench: setup  ## benchmarks; results land in benchmarks/results/
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

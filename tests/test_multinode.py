@@ -142,6 +142,7 @@ def test_one_process_uses_the_plain_batch_norm() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- two nodes
+@pytest.mark.scaleout
 def test_two_nodes_train_a_supernet_block_as_one_process_does(block_root: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = ["supernet.epochs=2", "supernet.train_samples=64"]  # batch 16: 4 global steps an epoch, 8 per rank
@@ -160,6 +161,7 @@ def test_two_nodes_train_a_supernet_block_as_one_process_does(block_root: Path, 
     assert_same_weights(ref["model"], ddp["model"])
 
 
+@pytest.mark.scaleout
 def test_two_nodes_retrain_the_student_as_one_process_does(student_root: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """96 train images in global batches of 45: shares of 22 and 23 rows, then 3 and 3; KD, EMA, flips, shifts and

@@ -22,7 +22,7 @@ import yaml
 from pipeline import cli, smoke
 from tests.fakes import REPO, copy_root, load_stage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.scaleout]
 
 SLICE = ("prepare", "teacher", "cache_features", "supernet@b2", "score@b2")  # `dvc repro score@b2`
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost", "GIT_COMMITTER_NAME": "ci",
