@@ -81,3 +81,9 @@ def block_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def student_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pristine workspace for the retrain and report stages; copy it (``copy_root``) before writing."""
     return make_student_root(tmp_path_factory.mktemp("student") / "root")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow end-to-end files first: with one file per xdist worker (`--dist loadfile`) the longest file then
+    starts at once instead of after a worker's share of short ones, and bounds the suite's time."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

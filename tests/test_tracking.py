@@ -183,10 +183,20 @@ def test_the_experiment_opens_on_the_model_training_view(store, experiment, tmp_
 def test_an_interrupted_repro_passes_the_signal_to_dvc_once(tmp_path, monkeypatch):
     """DVC runs in its own process group: Ctrl-C or SIGTERM on `pipeline.repro` reaches it as one SIGINT."""
     fake = tmp_path / "dvc"
-    fake.write_text("#!/bin/bash\ntrap 'echo INT >> got; kill $!; exit 3' INT\nsleep 30 & wait\n")
+    fake.write_text("#!/bin/bash\ntrap 'echo INT >> got; kill $!; exit 3' INT\nsleep 30 & touch started; wait\n")
     fake.chmod(0o755)
     monkeypatch.setattr(repro, "_DVC", str(fake))
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
-        repro._run_dvc(["repro"], tmp_path, dict(os.environ))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a pytest-xdist worker may ignore SIGINT
+
+    def interrupt() -> None:  # once the fake DVC has set its trap, however slow the machine
+        while not (tmp_path / "started").exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            repro._run_dvc(["repro"], tmp_path, dict(os.environ))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (tmp_path / "got").read_text() == "INT\n"
