@@ -38,6 +38,9 @@ def run(params: Params) -> dict:
               for name, stage in (("teacher", "teacher"), ("student", "retrain"))}
     architecture = student.read_architecture(root / STUDENT / student.ARCHITECTURE)
     front = report.read_front(root / params.search.out_dir / "pareto.csv")
+    additivity = read_json(root / ADDITIVITY, "dvc repro additivity")
+    if not isinstance(additivity, dict) or "students" not in additivity:
+        raise ArtifactError(f"{root / ADDITIVITY} is not the additivity stage's output: run `dvc repro additivity`")
     models = {"teacher": load_teacher(root / TEACHER)[0], "student": student.load(root / STUDENT)}
     shape = tuple(models["student"].pretrained_cfg["input_size"])
     rows = {}
@@ -67,7 +70,6 @@ def run(params: Params) -> dict:
         if figures[key]:
             draw[key](tmp / file)
     names = {"teacher": models["teacher"].default_cfg.get("architecture", "teacher"), "student": student.MODEL_NAME}
-    additivity = read_json(root / ADDITIVITY, "dvc repro additivity")
     (tmp / "report.md").write_text(report.markdown(summary, measured, architecture, names, figures, additivity))
     shutil.rmtree(root / OUT, ignore_errors=True)
     os.replace(tmp, root / OUT)

@@ -335,6 +335,9 @@ def test_report_compares_teacher_and_student_and_logs_to_mlflow(trained, store: 
         assert f"]({file})" in page and (root / "reports" / file).stat().st_size > 1000
     assert "| params |" in page and student_metrics["search/score"] > 0
     assert "Additivity not measured (costs.additivity=0)." in page
+    (root / "metrics/additivity.json").write_text("[1, 2]")
+    with pytest.raises(checkpoint.ArtifactError, match=r"additivity.json is not the additivity stage's output: run `dvc repro"):
+        stage.run(load_params(root=root))
     runs = mlflow.search_runs(filter_string="tags.stage = 'report'", output_format="list")
     assert runs and "student_vs_teacher.params" in runs[0].data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient(store).list_artifacts(runs[0].info.run_id, "report")}
