@@ -149,6 +149,7 @@ class Score:
     batches: int = 8  # rating batches taken from the val split
     batch_size: int = 256
     bn_batch_size: int = 256  # the fixed train batch that recalibrates BN for every candidate
+    units: str = "teacher"  # teacher | target: relative L1 in the teacher's units or the supernet's training units
 
 
 @dataclass
@@ -476,6 +477,7 @@ def _check_search_space(p: Params) -> None:
     _require(s.val_paths > 0, "supernet.val_paths", s.val_paths, "must be > 0")
     for key in ("batches", "batch_size", "bn_batch_size"):
         _require(getattr(c, key) > 0, f"score.{key}", getattr(c, key), "must be > 0")
+    _require(c.units in ("teacher", "target"), "score.units", c.units, "teacher or target")
 
 
 def _check_costs(c: Costs) -> None:

@@ -46,6 +46,7 @@ class RatingData:
     inputs: list[torch.Tensor]  # rating batches of block inputs (val split)
     targets: list[torch.Tensor]  # the teacher's block outputs for them
     bn_input: torch.Tensor  # the fixed train batch that recalibrates BN
+    units: str = "teacher"  # score.units: errors in the teacher's units or the supernet's training (target) units
 
     @property
     def num_batches(self) -> int:
@@ -63,7 +64,7 @@ def load_rating_data(data: BlockData, cfg: Score, seed: int, device: torch.devic
                                       for start in range(0, min(wanted, n_val), cfg.batch_size)), device, channels_last))
     bn_index = np.random.default_rng([seed, 3]).permutation(n_train)[:cfg.bn_batch_size]
     bn_input, _ = data.batch("train", bn_index, device, channels_last)
-    return RatingData(inputs=[x for x, _ in pairs], targets=[t for _, t in pairs], bn_input=bn_input)
+    return RatingData(inputs=[x for x, _ in pairs], targets=[t for _, t in pairs], bn_input=bn_input, units=cfg.units)
 
 
 def batch_errors(prediction: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
@@ -73,7 +74,12 @@ def batch_errors(prediction: torch.Tensor, target: torch.Tensor) -> tuple[float,
 
 
 def _errors(net: SupernetBlock, outputs: Iterable[torch.Tensor], rating: RatingData) -> np.ndarray:
-    pairs = [batch_errors(net.to_teacher_units(y), t) for y, t in zip(outputs, rating.targets, strict=True)]
+    """Per-batch errors in ``rating.units``: "target" weighs every channel as the training loss did (per-channel
+    standardised when supernet.target_norm), "teacher" as the next block sees them (large channels count more)."""
+    if rating.units == "target":
+        pairs = [batch_errors(y, net.to_target_units(t)) for y, t in zip(outputs, rating.targets, strict=True)]
+    else:
+        pairs = [batch_errors(net.to_teacher_units(y), t) for y, t in zip(outputs, rating.targets, strict=True)]
     return np.array(pairs, dtype=np.float64).T
 
 
@@ -144,9 +150,12 @@ def layer_evaluations(block: BlockSpec) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def constant_errors(prediction: torch.Tensor, rating: RatingData) -> np.ndarray:
-    """Errors of an input-blind predictor (e.g. the per-element train mean): what a block must beat."""
-    return np.array([batch_errors(prediction.expand_as(t), t) for t in rating.targets], dtype=np.float64).T
+def constant_errors(prediction: torch.Tensor, rating: RatingData, net: SupernetBlock | None = None) -> np.ndarray:
+    """Errors of an input-blind predictor (e.g. the per-element train mean): what a block must beat. In "target"
+    units, ``net``'s target statistics map prediction and targets there, as ``_errors`` does."""
+    units = net.to_target_units if rating.units == "target" and net is not None else (lambda t: t)
+    return np.array([batch_errors(units(prediction.expand_as(t)), units(t)) for t in rating.targets],
+                    dtype=np.float64).T
 
 
 def split_half_tau(errors: Errors) -> float:

@@ -58,7 +58,7 @@ def run(params: Params, block: str) -> dict[str, float]:
     rating = load_rating_data(BlockData(cache, in_key, target_key), params.score, params.seed, device,
                               params.runtime.channels_last)
     # DNA ranking lesson: a block must beat a predictor that ignores its input (the per-element train mean)
-    trivial = constant_errors(feature_moments(cache, "train", target_key)["element_mean"].to(device), rating)
+    trivial = constant_errors(feature_moments(cache, "train", target_key)["element_mean"].to(device), rating, net)
     table = root / params.search.scores_dir / f"{block}.csv"
     partial = table.with_name(f"{table.stem}.resume.pt")
     key = partial_key(weights, as_dict(params.score), params.seed)

@@ -32,8 +32,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture
-def idx_dir(tmp_path: Path) -> Path:
+def make_idx_dir(tmp_path: Path) -> Path:
     """Fashion-MNIST-shaped random data: 200 train and 50 test images of 28x28, 10 classes."""
     rng = np.random.default_rng(0)
     root = tmp_path / "fmnist"
@@ -46,14 +45,23 @@ def idx_dir(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path) -> Path:
+def make_repo_copy(tmp_path: Path) -> Path:
     """The repository's params.yaml and configs in a scratch root (stages write under it)."""
     root = tmp_path / "repo"
     root.mkdir()
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     shutil.copytree(REPO / "configs", root / "configs")
     return root
+
+
+@pytest.fixture
+def idx_dir(tmp_path: Path) -> Path:
+    return make_idx_dir(tmp_path)
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    return make_repo_copy(tmp_path)
 
 
 @pytest.fixture(autouse=True)

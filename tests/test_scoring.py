@@ -86,6 +86,36 @@ def test_constant_predictor_and_split_half_tau() -> None:
     assert scoring.split_half_tau(flipped) == pytest.approx(-1.0)
 
 
+def test_target_units_weigh_channels_as_the_training_loss_does() -> None:
+    """score.units=target: errors of the standardised output against standardised targets, the prefix-shared and
+    the naive paths alike, and the input-blind predictor in the same units; teacher units otherwise."""
+    from dataclasses import replace
+
+    net = _random_supernet("b1", 0, [])
+    rating = _random_rating("b1", net.block.out_chs, 0)
+    target = replace(rating, units="target")
+    cids = list(net.block.candidates())[:4]
+    teacher, standardised = scoring.score_naive(net, rating, cids), scoring.score_naive(net, target, cids)
+    for cid in cids:
+        path = net.path(cid)
+        scoring.recalibrate_bn(path, rating.bn_input)
+        with torch.inference_mode():
+            want = np.mean([scoring.batch_errors(path(x), net.to_target_units(t))[0]
+                            for x, t in zip(rating.inputs, rating.targets, strict=True)])
+        assert standardised[cid][0].mean() == pytest.approx(want, rel=1e-5)
+        assert not np.allclose(standardised[cid], teacher[cid])
+    shared = scoring.score_prefix(net, target)
+    for cid in cids:
+        np.testing.assert_allclose(shared[cid], standardised[cid], rtol=1e-5)
+    blind = torch.zeros(rating.targets[0].shape[1:])
+    assert scoring.constant_errors(blind, target, net)[0].mean() == pytest.approx(np.mean(
+        [scoring.batch_errors(net.to_target_units(blind.expand_as(t)), net.to_target_units(t))[0]
+         for t in rating.targets]))
+    assert np.array_equal(scoring.constant_errors(blind, rating, net), scoring.constant_errors(blind, rating))
+    with pytest.raises(Exception, match="score.units"):
+        load_params(["score.units=standard"], root=REPO)
+
+
 class Stop(Exception):
     pass
 

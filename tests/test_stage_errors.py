@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_idx_dir, make_repo_copy
 from tests.fakes import REPO
 
 
@@ -25,10 +26,19 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def prepared(repo_copy, idx_dir):
-    proc = run_stage(repo_copy, "prepare", f"data.root={idx_dir}")
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory) -> Path:
+    """One prepare stage run for the module (a stage process costs seconds of imports alone)."""
+    base = tmp_path_factory.mktemp("prepared")
+    root, data = make_repo_copy(base), make_idx_dir(base)
+    proc = run_stage(root, "prepare", f"data.root={data}")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
+@pytest.fixture
+def prepared(repo_copy, prepared_once):
+    shutil.copytree(prepared_once / "data", repo_copy / "data")
     return repo_copy
 
 

@@ -1,0 +1,120 @@
+"""Ranking experiments (issue 16): supernet and scoring settings judged by the block-level fidelity check.
+
+The check's stand-alone ground truth (``plots/fidelity/<block>.csv`` of ``dvc repro validate/dvc.yaml``) stays
+fixed; each variant retrains the supernets and rescores every candidate in a scratch copy of the workspace (feature
+cache, teacher and prepared data linked, not copied) and is ranked against the same candidates' stand-alone errors.
+A DVC experiment per variant would instead redraw the check's candidates from the variant's scores and retrain
+their stand-alone units (hours here), and the variants could not be compared on one set of candidates.
+
+    python benchmarks/ranking_experiments.py WORKSPACE                    # every variant, 2 blocks at a time
+    python benchmarks/ranking_experiments.py WORKSPACE base fair --jobs 1
+
+Writes WORKSPACE/artifacts/ranking_experiments/<variant>/ (its supernets, scores, metrics.json) and prints one
+markdown row per variant: per-block Kendall tau with its bootstrap interval, and the supernet stage's minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import fidelity  # noqa: E402
+from pipeline.assembly import read_table  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
+
+VARIANTS: dict[str, list[str]] = {
+    "base": [],                                   # the default
+    "epochs10": ["supernet.epochs=10"],           # twice the supernet training
+    "fair": ["supernet.sampler=fair"],            # each op once per layer every len(ops) steps
+    "raw_mse": ["supernet.target_norm=false"],    # the paper's plain MSE on the teacher's units
+    "target_units": ["score.units=target"],       # scores in the training loss's (standardised) units
+}
+LINKED = ("artifacts/features", "artifacts/teacher", "data/prepared")
+
+
+def scratch(workspace: Path, name: str) -> Path:
+    """The variant's workspace: params.yaml and configs copied, the inputs linked."""
+    root = workspace / "artifacts/ranking_experiments" / name
+    root.mkdir(parents=True, exist_ok=True)
+    for rel in LINKED:
+        link = root / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to((workspace / rel).resolve())
+    (root / "params.yaml").write_text((workspace / "params.yaml").read_text())
+    return root
+
+
+def run_block(root: Path, block: str, overrides: list[str]) -> float:
+    """The block's supernet and score stages, one thread; the supernet's seconds. A variant that changes only
+    scoring starts from base's trained supernet (same fingerprint: the supernet stage finds it finished)."""
+    base = root.parent / "base" / "artifacts/supernet" / f"{block}.pt"
+    mine = root / "artifacts/supernet" / f"{block}.pt"
+    if all(o.startswith("score.") for o in overrides) and base.is_file() and not mine.exists():
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(base, mine)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    seconds = 0.0
+    for stage in ("supernet", "score"):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), f"block={block}",
+                               "runtime.threads=1", *overrides], cwd=root, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{root.name} {stage}@{block} failed:\n{proc.stderr[-3000:]}")
+        seconds += (time.perf_counter() - start) if stage == "supernet" else 0.0
+    return seconds
+
+
+def rank(workspace: Path, root: Path, blocks: list[str], seeds: int, resamples: int, seed: int) -> dict:
+    """Per block: the variant's scores of the check's candidates against their stand-alone errors."""
+    out = {}
+    for block in blocks:
+        rows = fidelity.read_rows(workspace / "plots/fidelity" / f"{block}.csv", seeds, "dvc repro validate/dvc.yaml")
+        table = read_table(root / f"artifacts/scores/{block}.csv")
+        scores = dict(zip(table.candidates, table.score.tolist(), strict=True))
+        rows = [{**r, "score": scores[r["candidate"]]} for r in rows]
+        out[block] = fidelity.block_metrics(rows, seeds, resamples, seed)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("workspace", type=Path)
+    parser.add_argument("variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    workspace = args.workspace.resolve()
+    params = load_params(root=workspace)
+    blocks = list(params.space.blocks)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    roots = {v: scratch(workspace, v) for v in args.variants}
+    jobs = [(v, b) for v in args.variants for b in blocks]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        seconds = dict(zip(jobs, pool.map(lambda job: run_block(roots[job[0]], job[1], VARIANTS[job[0]]), jobs), strict=True))
+    print("| variant | " + " | ".join(f"{b} tau [95%]" for b in blocks) + " | mean tau | supernet min (1 thread) |")
+    print("|---|" + "---|" * (len(blocks) + 2))
+    for v in args.variants:
+        metrics = rank(workspace, roots[v], blocks, params.fidelity.seeds, params.fidelity.bootstrap, params.seed)
+        minutes = sum(seconds[(v, b)] for b in blocks) / 60
+        (roots[v] / "metrics.json").write_text(json.dumps({"overrides": VARIANTS[v], "supernet_minutes": minutes,
+                                                           "blocks": metrics}, indent=2) + "\n")
+        cells = [f"{m['tau']:.2f} [{m['tau_lo']:.2f}, {m['tau_hi']:.2f}]" for m in metrics.values()]
+        mean = sum(m["tau"] for m in metrics.values()) / len(metrics)
+        print(f"| {v} | " + " | ".join(cells) + f" | {mean:.2f} | {minutes:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
