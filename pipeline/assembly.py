@@ -14,10 +14,18 @@ blocks, the problem is a multiple-choice knapsack, solved here exactly and for e
   best-first search whose bound, the prefix fronts, is exact;
 * limits on further metrics (latency, FLOPs) next to the budget make it a multi-constraint knapsack: the same
   best-first search bounds each partial assignment by every metric's prefix front and keeps the largest bound,
-  after dropping candidates that another one of the block beats on the score and every limited cost.
+  after dropping candidates that another one of the block beats on the score and every limited cost;
+* where cells write their own width (``space`` cells with ``out``), a network is one whose block i writes the
+  width block i+1 reads: the widths are part of the state. Each prefix front is kept per width written, merged
+  only with the candidates reading that width; the Pareto filters compare candidates of one (read, written) pair;
+  the best-first search extends a partial assignment only by candidates writing what it reads, and bounds it by
+  the prefix front of that width. A space without such cells has one width per boundary: one state, the search
+  as it was.
 
 Optuna (one categorical per block, TPE with the budget as a constraint, or NSGA-II on score and cost)
-is the alternative the product offers; its gap to the exact optimum is reported.
+is the alternative the product offers; its gap to the exact optimum is reported. With out widths, a block whose
+candidates read several widths has one categorical per width, drawn after the block before chose what it writes,
+so every trial is a network (none is spent on, or has to be marked infeasible for, widths that do not join).
 """
 
 from __future__ import annotations
@@ -68,6 +76,9 @@ class BlockTable:
     score: np.ndarray
     costs: Mapping[str, np.ndarray]
     source: str = ""  # the file it was read from, for error messages
+    # (candidates, 2): the student width each candidate reads and writes, where cells write their own widths
+    # (``problem``); None: the space has one width per boundary, every network joins
+    widths: np.ndarray | None = None
 
     def cost(self, metric: str) -> np.ndarray:
         if metric not in self.costs:
@@ -173,11 +184,12 @@ class Front:
 
 @dataclass(frozen=True)
 class _Level:
-    """The Pareto front of the fixed parts plus blocks 0..j-1, with back-pointers to rebuild its points."""
+    """The Pareto front of the fixed parts plus blocks 0..j-1 (those writing one width), with back-pointers to
+    rebuild its points."""
 
     cost: np.ndarray
     score: np.ndarray
-    parent: np.ndarray  # index into the previous level's front
+    parent: np.ndarray  # index into the previous level's front of the width ``pick`` reads
     pick: np.ndarray  # row of block j-1
 
 
@@ -199,20 +211,68 @@ def pareto_indices(cost: np.ndarray, score: np.ndarray) -> np.ndarray:
     return order[ordered < best_before]
 
 
-def _merge(level: _Level, cost: np.ndarray, score: np.ndarray, rows: np.ndarray) -> _Level:
-    """Pareto front of (level's front) + (one block's points), in chunks to bound memory."""
-    step = max(1, _MAX_PAIRS // len(level.cost))
-    parts = []
-    for start in range(0, len(cost), step):
-        chunk = slice(start, start + step)
-        pair_cost = (level.cost[:, None] + cost[None, chunk]).ravel()
-        pair_score = (level.score[:, None] + score[None, chunk]).ravel()
-        keep = pareto_indices(pair_cost, pair_score)
-        parent, col = np.divmod(keep, len(cost[chunk]))
-        parts.append((pair_cost[keep], pair_score[keep], parent, rows[chunk][col]))
-    merged = [np.concatenate(p) for p in zip(*parts, strict=True)]
+def _merge(parts: Sequence[tuple[_Level, np.ndarray, np.ndarray, np.ndarray]]) -> _Level:
+    """Pareto front of the union of (a front) + (one block's points: cost, score, rows), in chunks to bound memory.
+    One part per width the block's points read; their pairs keep their order, so one part merges as it always has."""
+    pieces = []
+    for level, cost, score, rows in parts:
+        step = max(1, _MAX_PAIRS // len(level.cost))
+        for start in range(0, len(cost), step):
+            chunk = slice(start, start + step)
+            pair_cost = (level.cost[:, None] + cost[None, chunk]).ravel()
+            pair_score = (level.score[:, None] + score[None, chunk]).ravel()
+            keep = pareto_indices(pair_cost, pair_score)
+            parent, col = np.divmod(keep, len(cost[chunk]))
+            pieces.append((pair_cost[keep], pair_score[keep], parent, rows[chunk][col]))
+    merged = [np.concatenate(p) for p in zip(*pieces, strict=True)]
     keep = pareto_indices(merged[0], merged[1])
     return _Level(*(m[keep] for m in merged))
+
+
+def _by_value(values: np.ndarray) -> list[tuple[int, slice | np.ndarray]]:
+    """Each distinct value with its positions; one slice when all are equal (a space without out widths)."""
+    if not len(values):
+        return []
+    if (values == values[0]).all():
+        return [(int(values[0]), slice(None))]
+    return [(int(v), np.flatnonzero(values == v)) for v in np.unique(values)]
+
+
+@dataclass(frozen=True)
+class _Joins:
+    """Per block, the width each candidate reads and writes, and its candidates grouped by that pair: a network is
+    one whose block i writes what block i+1 reads. Without widths, every block is one group (all read and write 0)."""
+
+    reads: list[np.ndarray]
+    writes: list[np.ndarray]
+    groups: list[list[tuple[int, int, np.ndarray]]]  # per block: (read, written, rows ascending), pairs ascending
+
+    @property
+    def chained(self) -> bool:
+        """Whether the widths restrict anything (some block's candidates read or write several widths)."""
+        return any(len(g) > 1 for g in self.groups)
+
+
+def _joins(widths: Sequence[np.ndarray] | None, scores: Sequence[np.ndarray]) -> _Joins:
+    if widths is None:  # every block one group: all read and write width 0
+        zeros = [np.zeros(len(s), dtype=np.int64) for s in scores]
+        return _Joins(zeros, zeros, [[(0, 0, np.arange(len(s)))] for s in scores])
+    if len(widths) != len(scores):
+        raise ValueError(f"need one widths array per block ({len(scores)} blocks), got {len(widths)}")
+    reads, writes, groups = [], [], []
+    for pairs, score in zip(widths, scores, strict=True):
+        pairs = np.asarray(pairs, dtype=np.int64)
+        if pairs.shape != (len(score), 2):
+            raise ValueError("every block needs one (read, written) width pair per candidate")
+        reads.append(pairs[:, 0])
+        writes.append(pairs[:, 1])
+        if (pairs == pairs[0]).all():  # one pair, as in every block of a space without out widths
+            groups.append([(int(pairs[0, 0]), int(pairs[0, 1]), np.arange(len(score)))])
+            continue
+        distinct, inverse = np.unique(pairs, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        groups.append([(int(r), int(w), np.flatnonzero(inverse == g)) for g, (r, w) in enumerate(distinct)])
+    return _Joins(reads, writes, groups)
 
 
 @dataclass(frozen=True)
@@ -221,12 +281,12 @@ class _Metric:
 
     costs: list[np.ndarray]
     fixed: float
-    levels: list[_Level]  # levels[j]: front of the fixed parts and blocks 0..j-1, cost vs score
+    levels: list[dict[int, _Level]]  # levels[j][w]: front of the fixed parts and blocks 0..j-1 writing w, cost vs score
     scale: float  # no total can exceed it in size: the yardstick of rounding slack
 
     @property
     def cheapest(self) -> float:
-        return float(self.levels[-1].cost[0])
+        return min(float(level.cost[0]) for level in self.levels[-1].values())
 
 
 @dataclass(frozen=True)
@@ -244,18 +304,27 @@ class _Children:
     cap: float  # the searched metric's cap the bounds assume
 
 
-def _metric(costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed: float) -> _Metric:
-    """Check one metric's arrays against the scores and merge its prefix fronts."""
+def _metric(costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed: float, joins: _Joins) -> _Metric:
+    """Check one metric's arrays against the scores and merge its prefix fronts, one per width written."""
     costs = [np.asarray(c, dtype=np.float64) for c in costs]
     if len(costs) != len(scores):
         raise ValueError(f"need one cost array per block ({len(scores)} blocks), got {len(costs)}")
     zero = np.zeros(1, dtype=np.int64)
-    levels = [_Level(np.array([float(fixed)]), np.zeros(1), zero, zero)]
-    for cost, score in zip(costs, scores, strict=True):
+    start = _Level(np.array([float(fixed)]), np.zeros(1), zero, zero)
+    levels = [{read: start for read, _, _ in joins.groups[0]}]  # block 0 reads the stem, whatever it reads
+    for block, (cost, score) in enumerate(zip(costs, scores, strict=True)):
         if cost.shape != score.shape or cost.ndim != 1 or not len(cost):
             raise ValueError("every block needs matching, non-empty 1-d cost and score arrays")
-        rows = pareto_indices(cost, score)
-        levels.append(_merge(levels[-1], cost[rows], score[rows], rows))
+        parts: dict[int, list[tuple[_Level, np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for read, written, rows in joins.groups[block]:
+            if read in levels[-1]:
+                keep = rows[pareto_indices(cost[rows], score[rows])]
+                parts.setdefault(written, []).append((levels[-1][read], cost[keep], score[keep], keep))
+        if not parts:
+            raise AssemblyError(f"no network's widths join: the candidates of block {block} (from 0) read "
+                                f"{sorted({r for r, _, _ in joins.groups[block]})}, the block before writes "
+                                f"{sorted(levels[-1])}")
+        levels.append({written: _merge(p) for written, p in parts.items()})
     return _Metric(costs, float(fixed), levels, abs(float(fixed)) + sum(float(np.abs(c).max()) for c in costs))
 
 
@@ -289,7 +358,7 @@ def _amount(x: float) -> str:
 
 class ExactSearch:
     """Exact multiple-choice knapsack over blocks: the whole Pareto front, any budget, the k best, also under
-    limits on further cost metrics (latency, FLOPs).
+    limits on further cost metrics (latency, FLOPs), over the networks whose widths join.
 
     Args:
         costs: per block, each candidate's cost in the searched metric (params or FLOPs).
@@ -298,22 +367,27 @@ class ExactSearch:
         metric: the searched metric's name, for messages, ``limits`` and ``totals``.
         others: metrics that ``limits`` can bound: name -> (per block, each candidate's cost, aligned with
             ``scores``; the fixed parts' cost in that metric).
+        widths: per block, (candidates, 2): the width each candidate reads and writes; an architecture's block i
+            must write what block i+1 reads (block 0's reads are free: the stem writes them). None: all join.
     """
 
     def __init__(self, costs: Sequence[np.ndarray], scores: Sequence[np.ndarray], fixed_cost: float = 0.0, *,
-                 metric: str = "cost", others: Mapping[str, tuple[Sequence[np.ndarray], float]] | None = None):
+                 metric: str = "cost", others: Mapping[str, tuple[Sequence[np.ndarray], float]] | None = None,
+                 widths: Sequence[np.ndarray] | None = None):
         if not costs or len(costs) != len(scores):
             raise ValueError("need one cost and one score array per block, at least one block")
         self.scores = [np.asarray(s, dtype=np.float64) for s in scores]
         self.metric = metric
-        self._metrics = {metric: _metric(costs, self.scores, fixed_cost)}
+        self._joins = _joins(widths, self.scores)
+        self._metrics = {metric: _metric(costs, self.scores, fixed_cost, self._joins)}
         for name, (other_costs, other_fixed) in (others or {}).items():
             if name in self._metrics:
                 raise ValueError(f"metric {name!r} is given twice")
-            self._metrics[name] = _metric(other_costs, self.scores, other_fixed)
+            self._metrics[name] = _metric(other_costs, self.scores, other_fixed, self._joins)
         self.costs, self.fixed_cost = self._metrics[metric].costs, self._metrics[metric].fixed
         # a score bound formed back to front can exceed a block-order total in the last bits
         self._score_slack = 1e-9 * sum(float(np.abs(s).max()) for s in self.scores)
+        self._among = ", among the networks whose widths join" if self._joins.chained else ""
 
     @property
     def cheapest(self) -> float:
@@ -334,14 +408,23 @@ class ExactSearch:
         under the limits, then the optimum strictly cheaper than the last point found, and so on, in one search.
         """
         if not limits:
-            last = self._metrics[self.metric].levels[-1]
-            choice = np.empty((len(last.cost), len(self.scores)), dtype=np.int64)
-            index = np.arange(len(last.cost))
+            levels = self._metrics[self.metric].levels
+            ends = list(levels[-1].items())  # the last block's fronts, one per width it writes
+            cost = np.concatenate([level.cost for _, level in ends])
+            score = np.concatenate([level.score for _, level in ends])
+            width = np.concatenate([np.full(len(level.cost), w) for w, level in ends])
+            index = np.concatenate([np.arange(len(level.cost)) for _, level in ends])
+            if len(ends) > 1:
+                keep = pareto_indices(cost, score)
+                cost, score, width, index = cost[keep], score[keep], width[keep], index[keep]
+            choice = np.empty((len(cost), len(self.scores)), dtype=np.int64)
             for block in range(len(self.scores), 0, -1):
-                level = self._metrics[self.metric].levels[block]
-                choice[:, block - 1] = level.pick[index]
-                index = level.parent[index]
-            return Front(last.cost.copy(), last.score.copy(), choice)
+                for w, at in _by_value(width):
+                    level = levels[block][w]
+                    choice[at, block - 1] = level.pick[index[at]]
+                    index[at] = level.parent[index[at]]
+                width = self._joins.reads[block - 1][choice[:, block - 1]]
+            return Front(cost, score, choice)
         points = self._found(self._caps(None, limits), 1, front=True)[::-1]
         return Front(np.array([a.cost for a in points]), np.array([a.score for a in points]),
                      np.array([a.choice for a in points], dtype=np.int64))
@@ -381,6 +464,8 @@ class ExactSearch:
         in (score, cost) order. Children are pushed lazily in bound order (one sibling at a time), so the work
         grows with k, not with the space; candidates with k predecessors in their block (``_needed``) are
         never tried. A bound computed before the cap was lowered is recomputed when it leaves the heap.
+        Widths: a partial assignment's children are the candidates writing the width its first block reads, and
+        its completions are the prefix fronts of that width, so only joining networks are formed or bounded.
         """
         metrics = [self._metrics[name] for name in caps]
         cap = np.array(list(caps.values()), dtype=np.float64)
@@ -388,28 +473,48 @@ class ExactSearch:
         # slack, and each complete architecture is checked by its block-order totals.
         slack = 1e-9 * np.array([m.scale + (abs(c) if math.isfinite(c) else 0.0)
                                  for m, c in zip(metrics, cap, strict=True)])
-        rows = self._rows(tuple(caps), 1 if front else k)
-        block_costs = [np.stack([m.costs[b][r] for m in metrics]) for b, r in enumerate(rows)]  # (metrics, rows)
-        block_scores = [s[r] for s, r in zip(self.scores, rows, strict=True)]
+        reads, last = self._joins.reads, len(self.scores) - 1
+        # per block, the width all its candidates read (None: several): their children need no grouping
+        one_read = [g[0][0] if all(r == g[0][0] for r, _, _ in g) else None for g in self._joins.groups]
+        # per block, the rows a top-k set may need, by the width they write (the last block's: all, under None)
+        options: list[dict[int | None, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+        for b, rows in enumerate(self._rows(tuple(caps), 1 if front else k)):
+            by_width = [(None, slice(None))] if b == last else _by_value(self._joins.writes[b][rows])
+            options.append({w: (rows[at], np.stack([m.costs[b][rows[at]] for m in metrics]), self.scores[b][rows[at]])
+                            for w, at in by_width})
         # (score bound, cost bound, tie-breaker, an architecture or (siblings, rank))
         heap: list[tuple[float, float, int, Architecture | tuple[_Children, int]]] = []
         tie = itertools.count()
 
-        def bounds(block: int, cost: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            """For partial assignments down to ``block``: whether they fit every cap, and their bounds."""
-            bound = np.full(len(score), -np.inf)
-            fits = np.ones(len(score), dtype=bool)
+        def completions(block: int, width: int, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """For partial assignments down to ``block`` reading ``width`` there: whether they fit every cap, the
+            best completion's score within the caps, their cost bound."""
+            bound = np.full(cost.shape[1], -np.inf)
+            fits = np.ones(cost.shape[1], dtype=bool)
             for m, metric in enumerate(metrics):
-                prefix = metric.levels[block]  # front of the fixed parts and the blocks before `block`
+                prefix = metric.levels[block][width]  # front of the fixed parts and the blocks before `block`
                 point = np.searchsorted(prefix.cost, cap[m] - cost[m] + slack[m], "right") - 1
                 fits &= point >= 0
                 bound = np.maximum(bound, prefix.score[point])
-            return fits, score + bound - self._score_slack, cost[0] + metrics[0].levels[block].cost[0] - slack[0]
+            return fits, bound, cost[0] + metrics[0].levels[block][width].cost[0] - slack[0]
+
+        def bounds(block: int, rows: np.ndarray, cost: np.ndarray,
+                   score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """For partial assignments down to ``block``: whether they fit every cap, and their bounds."""
+            if one_read[block] in metrics[0].levels[block]:
+                fits, bound, key_cost = completions(block, one_read[block], cost)
+            else:  # children reading several widths, or one that no prefix writes (they do not fit)
+                fits, bound, key_cost = (np.zeros(len(score), dtype=bool), np.full(len(score), -np.inf),
+                                         np.full(len(score), np.inf))
+                for width, at in _by_value(reads[block][rows]):
+                    if width in metrics[0].levels[block]:
+                        fits[at], bound[at], key_cost[at] = completions(block, width, cost[:, at])
+            return fits, score + bound - self._score_slack, key_cost
 
         def push(block: int, suffix: tuple[int, ...], child_rows: np.ndarray, child_cost: np.ndarray,
                  child_score: np.ndarray) -> None:
             """Sort the children that fit by bound and push the first, standing for them all."""
-            fits, key_score, key_cost = bounds(block, child_cost, child_score)
+            fits, key_score, key_cost = bounds(block, child_rows, child_cost, child_score)
             keep = np.flatnonzero(fits)
             if len(keep):
                 order = keep[np.lexsort((key_cost[keep], key_score[keep]))]
@@ -417,10 +522,12 @@ class ExactSearch:
                                      child_cost[:, order], child_score[order], float(cap[0]))
                 heapq.heappush(heap, (children.key_score[0], children.key_cost[0], next(tie), (children, 0)))
 
-        def expand(block: int, suffix: tuple[int, ...], cost: np.ndarray, score: float) -> None:
-            push(block, suffix, rows[block], cost[:, None] + block_costs[block], score + block_scores[block])
+        def expand(block: int, suffix: tuple[int, ...], cost: np.ndarray, score: float, width: int | None) -> None:
+            if width in options[block]:  # else no needed candidate of `block` writes what the block after reads
+                rows, block_cost, block_score = options[block][width]
+                push(block, suffix, rows, cost[:, None] + block_cost, score + block_score)
 
-        expand(len(self.scores) - 1, (), np.zeros(len(metrics)), 0.0)
+        expand(last, (), np.zeros(len(metrics)), 0.0, None)
         found: list[Architecture] = []
         while heap and (front or len(found) < k):
             *_, item = heapq.heappop(heap)
@@ -443,13 +550,19 @@ class ExactSearch:
                 if all(t.cost <= limit for t, limit in zip(totals, cap, strict=True)):
                     heapq.heappush(heap, (totals[0].score, totals[0].cost, next(tie), totals[0]))
             else:
-                expand(group.block - 1, choice, group.cost[:, rank], float(group.score[rank]))
+                expand(group.block - 1, choice, group.cost[:, rank], float(group.score[rank]),
+                       int(reads[group.block][choice[0]]))
         return found
 
     def _rows(self, names: tuple[str, ...], k: int) -> list[np.ndarray]:
-        """Per block, the candidates a top-k set under these metrics may need (``_needed``)."""
-        return [_needed(np.column_stack([s, *(self._metrics[n].costs[b] for n in names)]), k)
-                for b, s in enumerate(self.scores)]
+        """Per block, the candidates a top-k set under these metrics may need (``_needed`` within each pair of
+        widths read and written: only a candidate of the same pair can replace another)."""
+        needed = []
+        for b, score in enumerate(self.scores):
+            points = np.column_stack([score, *(self._metrics[n].costs[b] for n in names)])
+            needed.append(np.sort(np.concatenate([rows[_needed(points[rows], k)]
+                                                  for _, _, rows in self._joins.groups[b]])))
+        return needed
 
     def _caps(self, budget: float | None, limits: Mapping[str, float] | None) -> dict[str, float]:
         """The ceiling of every limited metric, the searched metric first; an unreachable one fails here."""
@@ -470,13 +583,14 @@ class ExactSearch:
         wanted = " and ".join(f"{name} <= {_amount(caps[name])}" for name in named)
         least = ", ".join(f"the smallest {name} is {_amount(self._metrics[name].cheapest)}" for name in named)
         return AssemblyError(f"limits {wanted} are infeasible together: {least} (fixed parts included, each "
-                             "metric on its own); raise a limit")
+                             f"metric on its own{self._among}); raise a limit")
 
     def _check_budget(self, budget: float | None) -> None:
         if budget is not None and budget < self.cheapest:
-            raise AssemblyError(f"budget {budget:g} is infeasible: the cheapest architecture costs "
-                                f"{self.cheapest:g} (fixed parts included); set search.budget >= "
-                                f"{self.cheapest:g}, or 0 for no budget")
+            # whole amounts in full: 348,262,304 FLOPs as :g (3.48262e+08) would suggest an infeasible budget
+            raise AssemblyError(f"budget {_plain(budget)} is infeasible: the cheapest architecture costs "
+                                f"{_plain(self.cheapest)} (fixed parts included{self._among}); set search.budget >= "
+                                f"{_plain(self.cheapest)}, or 0 for no budget")
 
 
 # ---------------------------------------------------------------------------------------------- Optuna
@@ -511,13 +625,76 @@ class MlflowTrialLogger:
                    "optuna/feasible": float(feasible)}
         if math.isfinite(self._best):
             metrics["optuna/best_score"] = self._best
-        metrics.update({f"optuna/choice/{name}": self._index[name][value]
-                        for name, value in trial.params.items() if name in self._index})
+        for name, value in trial.params.items():  # a block's categorical, or one of its per-width ones
+            block = name if name in self._index else name.rpartition(_AT)[0]
+            if block in self._index:
+                metrics[f"optuna/choice/{block}"] = self._index[block][value]
         log_metrics(metrics, step=trial.number)
 
 
 def _feasible(trial: Any) -> bool:
     return all(v <= 0 for v in trial.constraints.values())
+
+
+_AT = "@"  # the categorical of block b's candidates reading width w is named b@w
+
+
+@dataclass(frozen=True)
+class _Categoricals:
+    """Optuna's view of the space: per block, one categorical per width the block before may write, over the
+    candidates that read it and lie on a network whose widths join, so every trial is a network. A block whose
+    candidates read one width (every block, in a space without out widths) is one categorical named after it."""
+
+    names: list[dict[int | None, str]]  # per block: the width the block before wrote (None: block 0 or no widths)
+    options: list[dict[int | None, list[str]]]  # per block, the same keys: candidate ids
+    index: list[dict[str, int]]  # per block: candidate id -> row
+    writes: list[np.ndarray | None]  # per block: the width each row writes (None: no widths)
+
+    def choose(self, pick: Callable[[int, str, list[str]], str]) -> list[int]:
+        """One row per block, in block order: ``pick(block, name, options)`` gives each block's candidate id."""
+        rows, written = [], None
+        for block, (names, options, index, writes) in enumerate(zip(self.names, self.options, self.index,
+                                                                    self.writes, strict=True)):
+            rows.append(index[pick(block, names[written], options[written])])
+            written = None if writes is None else int(writes[rows[-1]])
+        return rows
+
+
+def _table_widths(tables: Sequence[BlockTable]) -> list[np.ndarray] | None:
+    """The tables' widths, as ``ExactSearch`` takes them (None: no table has any)."""
+    if all(t.widths is None for t in tables):
+        return None
+    missing = [t.name for t in tables if t.widths is None]
+    if missing:
+        raise ValueError(f"tables {missing} have no widths while the others have")
+    return [t.widths for t in tables]
+
+
+def _on_networks(widths: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per block, which candidates lie on a network whose widths join: forward, those reading what a reachable
+    candidate of the block before writes; backward, of those, the ones writing what a kept one of the next reads."""
+    ok = [np.ones(len(w), dtype=bool) for w in widths]
+    for b in range(1, len(widths)):
+        ok[b] &= np.isin(widths[b][:, 0], widths[b - 1][ok[b - 1], 1])
+    for b in range(len(widths) - 2, -1, -1):
+        ok[b] &= np.isin(widths[b][:, 1], widths[b + 1][ok[b + 1], 0])
+    return ok
+
+
+def _categoricals(blocks: Sequence[BlockTable]) -> _Categoricals:
+    index = [{c: i for i, c in enumerate(b.candidates)} for b in blocks]
+    widths = _table_widths(blocks)
+    if widths is None:
+        return _Categoricals([{None: b.name} for b in blocks], [{None: list(b.candidates)} for b in blocks], index,
+                             [None] * len(blocks))
+    names, options = [], []
+    for b, (table, ok) in enumerate(zip(blocks, _on_networks(widths), strict=True)):
+        by_read: dict[int | None, list[str]] = {}
+        for row in np.flatnonzero(ok):
+            by_read.setdefault(None if b == 0 else int(widths[b][row, 0]), []).append(table.candidates[row])
+        names.append({w: table.name if len(by_read) == 1 else f"{table.name}{_AT}{w}" for w in by_read})
+        options.append(by_read)
+    return _Categoricals(names, options, index, [w[:, 1] for w in widths])
 
 
 def _storage(storage: str) -> Any:
@@ -542,6 +719,8 @@ def study_name(blocks: Sequence[BlockTable], metric: str, budget: float | None, 
         digest.update(repr((b.name, b.candidates)).encode())
         for name, array in (("score", b.score), *sorted(b.costs.items())):
             digest.update(name.encode() + array.tobytes())
+        if b.widths is not None:
+            digest.update(b"widths" + np.asarray(b.widths, dtype=np.int64).tobytes())
     return f"dna-assemble-{digest.hexdigest()[:12]}"
 
 
@@ -563,8 +742,10 @@ def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | Non
 
     ``tpe``: one objective, the summed score, with ``cost - budget <= 0`` as a constraint, and one more per
     ``limits`` entry (metric -> (ceiling, the fixed parts' cost in it)).
-    ``nsga2``: two objectives, score and cost, with the same constraint. The first trial is the cheapest
-    architecture, so every study has a feasible trial whenever one exists. Workers sharing ``storage`` (each its
+    ``nsga2``: two objectives, score and cost, with the same constraint. Tables with widths: each block's candidate
+    is drawn among those reading what the block before wrote (``_Categoricals``), so every trial is a network
+    whose widths join. The first trial is the cheapest architecture, so every study has a feasible trial whenever
+    one exists. Workers sharing ``storage`` (each its
     own ``worker`` index) fill one study; each seeds its sampler by ``worker_seed`` and stamps its trials with
     its index and seed. A worker whose trial was running when the study reached ``trials`` still finishes it, so
     the study may hold a few more (at most workers - 1); the result is over the first ``trials`` in trial order.
@@ -573,11 +754,11 @@ def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | Non
 
     costs = [b.cost(metric) for b in blocks]
     scores = [b.score for b in blocks]
-    index = [{c: i for i, c in enumerate(b.candidates)} for b in blocks]
+    chain = _categoricals(blocks)
     state = optuna.trial.TrialState.COMPLETE
 
     def objective(trial: Any) -> Any:
-        choice = [index[i][trial.suggest_categorical(b.name, list(b.candidates))] for i, b in enumerate(blocks)]
+        choice = chain.choose(lambda _, name, options: trial.suggest_categorical(name, options))
         arch = summed(costs, scores, fixed_cost, choice)
         trial.set_user_attr("cost", arch.cost)
         trial.set_user_attr("worker", worker)
@@ -596,8 +777,12 @@ def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | Non
     study.sampler = (optuna.samplers.TPESampler(seed=sampler_seed) if sampler == "tpe"
                      else optuna.samplers.NSGAIISampler(seed=sampler_seed))
     if not study.get_trials(deepcopy=False):
-        study.enqueue_trial({b.name: b.candidates[int(np.argmin(c))] for b, c in zip(blocks, costs, strict=True)},
-                            skip_if_exists=True)  # workers starting together: one cheapest trial, mostly
+        widths = _table_widths(blocks)  # without them, each block's cheapest candidate makes the cheapest network
+        cheapest = ([int(np.argmin(c)) for c in costs] if widths is None
+                    else ExactSearch(costs, scores, fixed_cost, widths=widths).front().choice[0])
+        first: dict[str, str] = {}
+        chain.choose(lambda block, name, _: first.setdefault(name, blocks[block].candidates[cheapest[block]]))
+        study.enqueue_trial(first, skip_if_exists=True)  # workers starting together: one cheapest trial, mostly
     if done < trials:
         log.info("optuna worker %d: seed %d, %d of %d trials already in the study", worker, sampler_seed, done, trials)
         study.optimize(objective, n_trials=trials - done,
@@ -608,7 +793,7 @@ def optuna_search(blocks: Sequence[BlockTable], metric: str, budget: float | Non
     best = None
     if feasible:
         top = min(feasible, key=lambda t: (t.values[0], t.user_attrs["cost"], t.number))
-        best = summed(costs, scores, fixed_cost, [index[i][top.params[b.name]] for i, b in enumerate(blocks)])
+        best = summed(costs, scores, fixed_cost, chain.choose(lambda _, name, __: top.params[name]))
     return OptunaResult(best, len(finished), len(feasible), history.reshape(-1, 3))
 
 
@@ -711,8 +896,10 @@ def problem(params: Params, tables: list[BlockTable], root: Path) -> Problem:
 
     Pipeline mode (``search.fixed_cost: null``): costs come from the ``costs`` stage's folder (counted ones from
     the space, measured ones only from this machine, ``pipeline.costs.read_costs``), with the fixed parts' and the
-    teacher's. An explicit ``search.fixed_cost`` instead takes the tables' own cost columns as they are (raw tables:
-    ``candidate,score,params,flops``); it is the searched metric's fixed cost, the other metrics count the blocks.
+    teacher's, and, where cells write their own widths, each candidate's widths (``chain_widths``: the search then
+    keeps to networks whose widths join). An explicit ``search.fixed_cost`` instead takes the tables' own cost
+    columns as they are (raw tables: ``candidate,score,params,flops``); it is the searched metric's fixed cost, the
+    other metrics count the blocks.
     """
     s = params.search
     wanted = list(dict.fromkeys([*COUNTED_METRICS, s.metric, *s.limits]))  # counted ones always reported
@@ -729,8 +916,9 @@ def problem(params: Params, tables: list[BlockTable], root: Path) -> Problem:
     here = costs.fingerprint(params.costs, params.runtime.channels_last)
     read = {m: costs.read_costs(root / params.costs.out_dir, spec, m, here, params.costs.accept_fingerprint,
                                 params.costs.tolerance) for m in wanted}
-    linked = [replace(t, costs={m: np.array([read[m].blocks[t.name][c] for c in t.candidates]) for m in wanted})
-              for t in tables]
+    widths = chain_widths(spec, tables) or [None] * len(tables)
+    linked = [replace(t, costs={m: np.array([read[m].blocks[t.name][c] for c in t.candidates]) for m in wanted},
+                      widths=w) for t, w in zip(tables, widths, strict=True)]
     teacher = {m: c.teacher for m, c in read.items() if c.teacher is not None}
     scale = _relative_scale(s, teacher, root / params.costs.out_dir) if s.relative else {}
     measured = [c.fingerprint.get("id", "") for c in read.values() if c.metric.measured]
@@ -738,6 +926,17 @@ def problem(params: Params, tables: list[BlockTable], root: Path) -> Problem:
                    s.budget * scale.get(s.metric, 1.0) if s.budget else None,
                    {m: v * scale.get(m, 1.0) for m, v in s.limits.items()}, teacher, measured[0] if measured else "",
                    lambda choice: space.arch_def(spec, choice))
+
+
+def chain_widths(spec: Any, tables: Sequence[BlockTable]) -> list[np.ndarray] | None:
+    """Per table, the student width each candidate reads and writes (``BlockTable.widths``); None where every
+    block's cells read and write one width each, as in a space without out widths (every network joins)."""
+    ends = [{cell.name: (cell.layers[0].student_in, cell.layers[-1].student_out) for cell in block.cells}
+            for block in spec.blocks]
+    if all(len(set(e.values())) == 1 for e in ends):
+        return None
+    return [np.array([e[block.parse(c)[0].name] for c in t.candidates], dtype=np.int64).reshape(-1, 2)
+            for t, block, e in zip(tables, spec.blocks, ends, strict=True)]
 
 
 def _relative_scale(s: Search, teacher: Mapping[str, float], folder: Path) -> dict[str, float]:
@@ -754,7 +953,7 @@ def assemble(prob: Problem, search: Search) -> Result:
     start = time.perf_counter()
     others = {m: ([t.cost(m) for t in prob.tables], prob.fixed[m]) for m in prob.fixed if m != prob.metric}
     exact = ExactSearch([t.cost(prob.metric) for t in prob.tables], [t.score for t in prob.tables],
-                        prob.fixed[prob.metric], metric=prob.metric, others=others)
+                        prob.fixed[prob.metric], metric=prob.metric, others=others, widths=_table_widths(prob.tables))
     if search.relative:
         _check_relative(exact, prob, search)
     best = exact.best(prob.budget, prob.limits)

@@ -1,4 +1,5 @@
-"""``python -m pipeline.overlay OVERLAY DIR [key=value ...]``: a workspace for a named overlay (``configs/*.yaml``).
+"""``python -m pipeline.overlay OVERLAY [OVERLAY ...] DIR [key=value ...]``: a workspace for named overlays
+(``configs/*.yaml``, merged in order: ``configs/paper.yaml configs/paper_mini.yaml`` is the paper setting shrunk).
 
 Stages read ``params.yaml`` alone, so an overlay such as ``configs/paper.yaml`` (DNA at ImageNet scale) runs in a copy
 of the repository whose params.yaml is params.yaml merged with the overlay and the overrides, written by the smoke
@@ -14,24 +15,28 @@ from pathlib import Path
 from pipeline.config import ConfigError
 from pipeline.smoke import make_workspace
 
-USAGE = "usage: python -m pipeline.overlay configs/<overlay>.yaml DIR [key=value ...]"
+USAGE = "usage: python -m pipeline.overlay configs/<overlay>.yaml [configs/<more>.yaml ...] DIR [key=value ...]"
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) < 2 or "=" in argv[0] or "=" in argv[1]:
+    positional = next((i for i, arg in enumerate(argv) if "=" in arg), len(argv))
+    if positional < 2:
         print(USAGE, file=sys.stderr)
         return 2
-    overlay, dest, overrides = Path(argv[0]), Path(argv[1]), list(argv[2:])
+    overlays, dest, overrides = [Path(a) for a in argv[:positional - 1]], Path(argv[positional - 1]), list(argv[positional:])
     src = Path.cwd().resolve()
-    if not (src / overlay).is_file():
-        print(f"error: overlay {overlay} not found under {src}: name a file such as configs/paper.yaml", file=sys.stderr)
-        return 2
+    named = " + ".join(map(str, overlays))
+    for overlay in overlays:
+        if not (src / overlay).is_file():
+            print(f"error: overlay {overlay} not found under {src}: name a file such as configs/paper.yaml",
+                  file=sys.stderr)
+            return 2
     try:
-        make_workspace(src, dest.resolve(), overrides, overlay)
+        make_workspace(src, dest.resolve(), overrides, overlays)
     except ConfigError as err:
-        print(f"error: {overlay}: {err}", file=sys.stderr)
+        print(f"error: {named}: {err}", file=sys.stderr)
         return 2
-    print(f"{dest}: params.yaml = params.yaml + {overlay}{' + overrides' if overrides else ''}. Next:\n"
+    print(f"{dest}: params.yaml = params.yaml + {named}{' + overrides' if overrides else ''}. Next:\n"
           f"  cd {dest} && python -m pipeline.describe        # the space: candidates per block, architectures\n"
           f"  cd {dest} && python -m pipeline.repro           # the DAG (dvc repro under one MLflow parent run)")
     return 0

@@ -35,9 +35,12 @@ def _is_run_record(name: str) -> bool:
     return Path(name).name == "dvc.lock" or name.startswith(RUN_RECORDS)
 
 
-def make_workspace(src: Path, dest: Path, overrides: Sequence[str] = (), overlay: Path = OVERLAY) -> Path:
-    """Copy the repository's sources (no outputs, no run records) to ``dest``; params = params + overlay + overrides."""
-    merged = OmegaConf.merge(OmegaConf.load(src / PARAMS_FILE), OmegaConf.load(src / overlay),
+def make_workspace(src: Path, dest: Path, overrides: Sequence[str] = (),
+                   overlay: Path | Sequence[Path] = OVERLAY) -> Path:
+    """Copy the repository's sources (no outputs, no run records) to ``dest``; params = params + overlay(s, merged
+    in order: configs/paper_mini.yaml shrinks configs/paper.yaml) + overrides."""
+    overlays = [overlay] if isinstance(overlay, Path) else list(overlay)
+    merged = OmegaConf.merge(OmegaConf.load(src / PARAMS_FILE), *(OmegaConf.load(src / o) for o in overlays),
                              OmegaConf.from_dotlist(list(overrides)))
     validate(merged)  # a broken overlay fails before anything is copied
     dest.mkdir(parents=True, exist_ok=True)
@@ -45,7 +48,7 @@ def make_workspace(src: Path, dest: Path, overrides: Sequence[str] = (), overlay
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / name, target)
-    (dest / PARAMS_FILE).write_text(HEADER.format(overlay=overlay) + OmegaConf.to_yaml(merged))
+    (dest / PARAMS_FILE).write_text(HEADER.format(overlay=" + ".join(map(str, overlays))) + OmegaConf.to_yaml(merged))
     if not (dest / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
