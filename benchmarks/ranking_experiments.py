@@ -34,10 +34,14 @@ from pipeline.config import load_params  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "base": [],                                   # the default
+    "base_seed1": ["seed=1"],                     # the same, another seed: how far apart two runs fall
     "epochs10": ["supernet.epochs=10"],           # twice the supernet training
     "fair": ["supernet.sampler=fair"],            # each op once per layer every len(ops) steps
     "raw_mse": ["supernet.target_norm=false"],    # the paper's plain MSE on the teacher's units
     "target_units": ["score.units=target"],       # scores in the training loss's (standardised) units
+    "fair_epochs10": ["supernet.sampler=fair", "supernet.epochs=10"],
+    "fair_epochs15": ["supernet.sampler=fair", "supernet.epochs=15"],
+    "fair_epochs10_seed1": ["supernet.sampler=fair", "supernet.epochs=10", "seed=1"],
 }
 LINKED = ("artifacts/features", "artifacts/teacher", "data/prepared")
 
