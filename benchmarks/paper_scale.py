@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline import space
+from pipeline.cli import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = (Path("configs/paper.yaml"), Path("configs/paper_mini.yaml"))
@@ -77,14 +77,6 @@ def make_miniature(dest: Path, overrides: Sequence[str] = ()) -> Path:
     root = make_workspace(REPO, dest, overrides, OVERLAYS)
     write_images(root / OmegaConf.load(root / "params.yaml").data.root)
     return root
-
-
-def load_stage(name: str) -> ModuleType:
-    """A stage script as a module, for in-process calls of its ``run``."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass

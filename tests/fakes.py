@@ -13,19 +13,18 @@ The fixtures built on these live in ``tests/conftest.py``.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import assembly, costs, space
+from pipeline.cli import load_stage  # noqa: F401  (re-exported: tests import it from here)
 from pipeline.config import COUNTED_METRICS, Params, Teacher, as_dict, validate
 from pipeline.data import Split
 from pipeline.features import FeatureCache, write_features
@@ -120,14 +119,6 @@ def make_block_root(root: Path, n_train: int = 256, n_val: int = 64, overrides: 
     (teacher / "blocks.json").write_text(json.dumps(teacher_blocks()))
     write_cache(root / "artifacts/features", n_train, n_val)
     return root
-
-
-def load_stage(name: str) -> ModuleType:
-    """A stage script (stages/<name>.py) as a module, for in-process calls of its ``run``."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def copy_root(src: Path, dest: Path) -> Path:
