@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from pipeline import space, student
-from pipeline.config import Costs, Teacher
+from pipeline.config import ConfigError, Costs, Teacher
 from pipeline.costs import (
     CALIBRATION,
     CALL,
@@ -351,11 +351,27 @@ class Additivity:
                 "measured_median_ms": float(np.median(self.measured))}
 
 
-def random_choices(spec: space.SpaceSpec, n: int, seed: int = 0, stream: str = "students") -> list[dict[str, str]]:
-    """``n`` whole students, one uniformly random candidate per block; each ``stream`` draws its own (seeded)."""
+def random_choices(spec: space.SpaceSpec, n: int, seed: int = 0, stream: str = "students",
+                   tries: int = 10_000) -> list[dict[str, str]]:
+    """``n`` whole students, uniform over the networks whose widths join: one uniformly random candidate per block,
+    drawn again until block i writes what block i+1 reads (rejection keeps the draw uniform; a space without out
+    widths joins at the first draw, so its students are as before). Each ``stream`` draws its own (seeded)."""
     rng = random.Random(f"{stream}:{seed}")
     candidates = {block.name: list(block.candidates()) for block in spec.blocks}
-    return [{name: rng.choice(ids) for name, ids in candidates.items()} for _ in range(n)]
+    students = []
+    for _ in range(n):
+        for _ in range(tries):
+            choice = {name: rng.choice(ids) for name, ids in candidates.items()}
+            try:
+                space.check_chain(spec, choice)
+            except ValueError:
+                continue
+            students.append(choice)
+            break
+        else:
+            raise ConfigError(f"no network whose widths join in {tries} random draws: check the cells' out widths "
+                             "in space.blocks (block i's must be a width block i+1's cells read)")
+    return students
 
 
 def additivity(spec: space.SpaceSpec, cfg: Costs, channels_last: bool, students: int = 30, seed: int = 0,

@@ -79,7 +79,16 @@ def _pool(tables: Sequence[BlockTable], metric: str, rng: np.random.Generator, p
             cols.append(rng.choice(len(cost), size=per_tilt, p=weight / weight.sum()))
         draws.append(np.stack(cols, 1))
     ends = [[int(np.argmin(t.cost(metric))) for t in tables], [int(np.argmax(t.cost(metric))) for t in tables]]
-    return np.unique(np.concatenate([np.asarray(ends), *draws]), axis=0)
+    pool = np.unique(np.concatenate([np.asarray(ends), *draws]), axis=0)
+    if all(t.widths is not None for t in tables):  # cells with out widths: only networks whose widths join
+        joins = np.ones(len(pool), dtype=bool)
+        for b in range(len(tables) - 1):
+            joins &= tables[b].widths[pool[:, b], 1] == tables[b + 1].widths[pool[:, b + 1], 0]
+        pool = pool[joins]
+        if not len(pool):
+            raise ValidationError("no drawn architecture's widths join: raise the draws (per_tilt) or check the "
+                                  "cells' out widths in space.blocks")
+    return pool
 
 
 def _rows_of(tables: Sequence[BlockTable], candidates: Sequence[str]) -> tuple[int, ...]:

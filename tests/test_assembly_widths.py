@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -320,3 +321,32 @@ def test_widths_come_from_the_space_only_where_cells_write_their_own():
             cell = block.parse(cid)[0]
             assert (reads, writes) == (cell.layers[0].student_in, cell.layers[-1].student_out)
     assert set(widths[0][:, 1].tolist()) == {16, spec.blocks[0].width} != {16} and len(set(widths[1][:, 0])) == 2
+
+
+def test_random_students_and_the_ranking_check_draw_only_joining_networks(paper):
+    """The additivity stage's random students and the ranking check's architectures on the paper space: every one
+    joins (independent draws per block mostly do not), the students stay uniform draws, the default space's as
+    before."""
+    from pipeline import latency, validation
+
+    root, params, spec, prob = paper
+    students = latency.random_choices(spec, 20, seed=3)
+    for choice in students:
+        space.check_chain(spec, choice)  # raises on a network whose widths do not join
+    assert len({tuple(c.values()) for c in students}) == 20
+    default = space.build_space(tiny_params().space, tiny_blocks())
+    rng = random.Random("students:1")  # without out widths: the draws of independent uniform choices, as before
+    before = [{b.name: rng.choice(list(b.candidates())) for b in default.blocks} for _ in range(5)]
+    assert latency.random_choices(default, 5, seed=1) == before
+    searched = [t.candidates[r] for t, r in zip(prob.tables, prob_best(prob), strict=True)]
+    drawn = validation.draw(prob.tables, prob.fixed, "flops_dna", None, searched, stratified=6, random=3,
+                            window=0.1, seed=0, per_tilt=500)
+    for arch in drawn:
+        space.check_chain(spec, dict(zip((t.name for t in prob.tables), arch.candidates, strict=True)))
+
+
+def prob_best(prob: assembly.Problem) -> tuple[int, ...]:
+    """The exact optimum's rows without a budget (a joining network)."""
+    exact = ExactSearch([t.cost("flops_dna") for t in prob.tables], [t.score for t in prob.tables],
+                        prob.fixed["flops_dna"], metric="flops_dna", widths=[t.widths for t in prob.tables])
+    return exact.best(None).choice
