@@ -215,7 +215,7 @@ def check_metric(name: str, cfg: Costs, key: str = "search.metric") -> Metric:
 class Search:
     method: str = "exact"  # exact | optuna
     metric: str = "latency_b256"  # a registered cost metric (pipeline.costs): params | flops | latency_b<N>
-    budget: float = 0.36
+    budget: float = 0.33
     limits: dict[str, float] = field(default_factory=dict)  # more ceilings: metric -> limit (same units as budget)
     relative: bool = True  # budget and limits as fractions of the teacher's cost (the costs stage measures it)
     fixed_cost: float | None = None  # None = computed from the search space
