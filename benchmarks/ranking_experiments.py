@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from pipeline import fidelity  # noqa: E402
 from pipeline.assembly import read_table  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "base": [],                                   # the default
@@ -99,11 +100,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     workspace = args.workspace.resolve()
-    params = load_params(root=workspace)
-    blocks = list(params.space.blocks)
+    try:
+        params = load_params(root=workspace)
+        blocks = list(params.space.blocks)
+        for block in blocks:  # the ground truth must be there before hours of supernet training, not after
+            fidelity.read_rows(workspace / "plots/fidelity" / f"{block}.csv", params.fidelity.seeds,
+                               "dvc repro validate/dvc.yaml")
+    except PipelineError as err:
+        raise SystemExit(f"error: {err}") from None
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+        raise SystemExit(f"error: unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     roots = {v: scratch(workspace, v) for v in args.variants}
     jobs = [(v, b) for v in args.variants for b in blocks]
     with ThreadPoolExecutor(args.jobs) as pool:
