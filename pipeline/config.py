@@ -34,7 +34,7 @@ class Runtime:
     threads: int = 0  # 0 = one per core
     channels_last: bool = True  # 2-2.5x faster convolutions on CPU
     progress: bool = True  # bars only appear on a terminal either way
-    workers: int = 0  # processes decoding image folders in prepare (0 = in process); batching needs none
+    workers: int = 0  # image I/O: prepare's decoding processes, the training loops' reader threads (0 = in process)
 
 
 @dataclass
@@ -430,7 +430,7 @@ def _check(p: Params) -> None:
     _require(d.limit >= 0, "data.limit", d.limit, "must be >= 0 (0 = all images)")
     _require(d.test_limit >= 0, "data.test_limit", d.test_limit, "must be >= 0 (0 = all images)")
     _require(d.bad_images in ("fail", "skip"), "data.bad_images", d.bad_images, "fail or skip")
-    _require(rt.workers >= 0, "runtime.workers", rt.workers, "must be >= 0 (0 = decode in the prepare process)")
+    _require(rt.workers >= 0, "runtime.workers", rt.workers, "must be >= 0 (0 = read and decode images in process)")
     _require(t.stem_stride >= 0, "teacher.stem_stride", t.stem_stride, "0 (model default) or a stride >= 1")
     _require(_boundaries_ok(list(t.boundaries)), "teacher.boundaries", list(t.boundaries),
              "a strictly increasing list of feature_info indices, or distinct module names (e.g. [blocks.1, blocks.3])")

@@ -2,7 +2,11 @@
 
 Prepared splits are uint8 ``.npy`` arrays (N, C, H, W), read memory-mapped, so ImageNet-size data
 never has to fit in RAM. Batches are gathered and augmented as whole tensors: for small models the
-per-sample Python of a DataLoader + PIL transforms would dominate the step time.
+per-sample Python of a DataLoader + PIL transforms would dominate the step time. At image-folder scale the
+gather is a page-in from disk: ``runtime.workers`` reader threads then gather the next batches while the step
+runs (threads, not DataLoader processes: numpy's gathers release the GIL and a thread hands its batch over
+without a copy through shared memory; benchmarks/results/loader.md). Normalising and augmenting stay in the
+training loop, so the batches are the same with any number of readers.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +35,7 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+Item, Loaded = TypeVar("Item"), TypeVar("Loaded")
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -408,22 +415,54 @@ def augment(x: torch.Tensor, cfg: Augment, generator: torch.Generator) -> torch.
     return x
 
 
+def prefetch(load: Callable[[Item], Loaded], items: Iterable[Item], workers: int = 1) -> Iterator[Loaded]:
+    """``load(item)`` of every item, in order, run up to ``workers`` items ahead on as many background threads.
+
+    numpy's gathers (page-ins of memory-mapped rows included) and casts and torch's copies release the GIL, so
+    the next batches are read while the caller's step runs; the values and their order are exactly those of
+    calling ``load`` in the loop, and an item's exception is raised where that item would have been yielded.
+    """
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefetch") as pool:
+        pending: deque[Future[Loaded]] = deque()
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def read_batches(split: Split, index: Iterable[np.ndarray], device: torch.device,
+                 workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The uint8 images and labels of each row-index array, in order, on the host: gathered in the loop, or by
+    ``workers`` reader threads ahead of it (pinned for CUDA, so the copy to the GPU is asynchronous)."""
+    pin = workers > 0 and device.type == "cuda"
+
+    def read(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(np.asarray(split.images[idx]))
+        return images.pin_memory() if pin else images, torch.from_numpy(split.labels[idx])
+
+    return prefetch(read, index, workers) if workers else map(read, index)
+
+
 def batches(split: Split, meta: dict, batch_size: int, device: torch.device, *, shuffle: bool = False,
             seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1, augment_cfg: Augment | None = None,
-            channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised (and optionally augmented) batches; under DDP each rank takes its own shard."""
+            channels_last: bool = False, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised (and optionally augmented) batches; under DDP each rank takes its own shard. ``workers`` reader
+    threads gather the images ahead of the caller (0 = in the loop); the batches do not depend on it."""
     n = len(split.labels)
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(n, generator=g).numpy() if shuffle else np.arange(n)
     order = order[rank::world]
-    for start in range(0, len(order), batch_size):
-        idx = np.sort(order[start:start + batch_size]) if not shuffle else order[start:start + batch_size]
-        x = normalize(torch.from_numpy(np.asarray(split.images[idx])).to(device, non_blocking=True), meta)
+    index = (order[s:s + batch_size] if shuffle else np.sort(order[s:s + batch_size])
+             for s in range(0, len(order), batch_size))
+    for images, labels in read_batches(split, index, device, workers):
+        x = normalize(images.to(device, non_blocking=True), meta)
         if augment_cfg is not None:
             x = augment(x, augment_cfg, g)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield x, torch.from_numpy(split.labels[idx]).to(device, non_blocking=True)
+        yield x, labels.to(device, non_blocking=True)
 
 
 def prepared_identity(prepared_dir: Path | str) -> str:

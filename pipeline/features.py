@@ -29,19 +29,26 @@ import random
 import shutil
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.checkpoint import ArtifactError, atomic, sha256_file
 from pipeline.config import Augment, Cache, ConfigError, as_dict
-from pipeline.data import Split, augment, load_meta, load_split, normalize, prepared_identity
+from pipeline.data import (
+    Split,
+    augment,
+    load_meta,
+    load_split,
+    normalize,
+    prefetch,  # noqa: F401  pipeline.supernet's import: its text is in the supernet fingerprint
+    prepared_identity,
+)
 from pipeline.runtime import progress as progress_bar
 from pipeline.runtime import to_device_model
 from pipeline.teacher import WEIGHTS, block_outputs, load_teacher, weights_hash
@@ -60,7 +67,6 @@ _PROGRESS = "progress.json"
 
 ExtractFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-Item, Loaded = TypeVar("Item"), TypeVar("Loaded")
 
 
 def _sha256_many(paths: Sequence[Path]) -> list[str]:
@@ -623,22 +629,6 @@ def open_features(root: Path | str, *, teacher_dir: Path | str, prepared_dir: Pa
     if _manifest_mode(Path(root)) == "online":
         return OnlineFeatures(root, teacher_dir, prepared_dir, device, upto, channels_last)
     return FeatureCache(root, verify=verify, teacher_dir=teacher_dir)
-
-
-def prefetch(load: Callable[[Item], Loaded], items: Iterable[Item], depth: int = 1) -> Iterator[Loaded]:
-    """``load(item)`` of every item, in order, run ``depth`` items ahead on one background thread.
-
-    numpy's gathers and casts and torch's copies release the GIL, so the next batch is read while the caller's
-    step runs; the values and their order are exactly those of calling ``load`` in the loop.
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-        pending: deque[Future[Loaded]] = deque()
-        for item in items:
-            pending.append(pool.submit(load, item))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _manifest_mode(root: Path) -> str:

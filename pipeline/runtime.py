@@ -207,11 +207,12 @@ class Loop:
     amp: bool = False  # Precision: bfloat16, or float16 with a GradScaler
     channels_last: bool = True
     progress: bool = True
+    workers: int = 0  # reader threads gathering image batches ahead of the step (same batches with any number)
 
 
 def loop_for(rt: Runtime, device: torch.device, seed: int, progress: bool | None = None) -> Loop:
     """The Loop of a stage: ``runtime.*`` params on ``device``; ``progress`` overrides ``runtime.progress``."""
-    return Loop(device, seed, rt.amp, rt.channels_last, rt.progress if progress is None else progress)
+    return Loop(device, seed, rt.amp, rt.channels_last, rt.progress if progress is None else progress, rt.workers)
 
 
 def seed_everything(seed: int) -> None:

@@ -215,7 +215,7 @@ def _epoch_batches(split: Split, meta: Mapping[str, Any], cfg: Spos, loop: runti
     passes = -(-steps // -(-len(split.labels) // cfg.batch_size))
     chained = itertools.chain.from_iterable(
         batches(split, meta, cfg.batch_size, loop.device, shuffle=True, seed=loop.seed, epoch=epoch * passes + p,
-                augment_cfg=cfg.augment, channels_last=loop.channels_last) for p in range(passes))
+                augment_cfg=cfg.augment, channels_last=loop.channels_last, workers=loop.workers) for p in range(passes))
     return itertools.islice(chained, steps)
 
 

@@ -44,7 +44,7 @@ def evaluate(model: nn.Module, split: Split, meta: Mapping[str, Any], loop: Loop
     """Top-1 accuracy and cross-entropy over a whole split."""
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    for x, y in batches(split, meta, batch_size, loop.device, channels_last=loop.channels_last):
+    for x, y in batches(split, meta, batch_size, loop.device, channels_last=loop.channels_last, workers=loop.workers):
         with autocast(loop.device, loop.amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -74,7 +74,7 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, train: Spl
     part = shard()
     loss_sum, n, start = torch.zeros((), device=loop.device), 0, time.perf_counter()
     data = batches(train, meta, recipe.batch_size, loop.device, shuffle=True, seed=loop.seed, epoch=epoch,
-                   augment_cfg=recipe.augment, channels_last=loop.channels_last)
+                   augment_cfg=recipe.augment, channels_last=loop.channels_last, workers=loop.workers)
     for step, (x, y) in enumerate(progress(data, loop.progress, total=steps_per_epoch, desc=f"epoch {epoch}")):
         if len(y) < part.world:  # a last batch too small to give every rank a row
             break

@@ -132,3 +132,36 @@ def test_augment_leaves_its_input_alone():
     before = x.clone()
     augment(x, Augment(hflip=False, pad_crop=0, erase_prob=1.0), torch.Generator().manual_seed(0))
     assert torch.equal(x, before)
+
+
+def test_loader_workers_give_the_same_batches(idx_dir, tmp_path):
+    """runtime.workers only moves the reads onto reader threads: same images, order and augmentation draws."""
+    prepare(Data(root=str(idx_dir)), seed=0, out_dir=tmp_path / "p")
+    split, meta = load_split(tmp_path / "p", "train"), load_meta(tmp_path / "p")
+    aug = Augment(hflip=True, pad_crop=2, erase_prob=0.5)
+    runs = [list(batches(split, meta, 7, torch.device("cpu"), shuffle=True, seed=3, epoch=1, augment_cfg=aug,
+                         workers=w)) for w in (0, 2)]
+    assert len(runs[0]) == len(runs[1]) == -(-len(split.labels) // 7) > 2
+    for (x0, y0), (x2, y2) in zip(*runs, strict=True):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    in_order = torch.cat([y for _, y in batches(split, meta, 5, torch.device("cpu"), workers=2)])
+    assert torch.equal(in_order, torch.from_numpy(split.labels))
+
+
+def test_fit_with_loader_workers_trains_the_same_model(idx_dir, tmp_path):
+    """The training loop (teacher, retrain, ranking units) reads through reader threads to the same weights."""
+    from pipeline.config import Recipe
+    from pipeline.runtime import Loop
+    from pipeline.train import fit
+
+    prepare(Data(root=str(idx_dir)), seed=0, out_dir=tmp_path / "p")
+    train, val, meta = load_split(tmp_path / "p", "train"), load_split(tmp_path / "p", "val"), load_meta(tmp_path / "p")
+    recipe = Recipe(epochs=2, batch_size=8, eval_batch_size=16, warmup_epochs=0)
+    states = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                    torch.nn.Flatten(), torch.nn.Linear(4, 10))
+        loop = Loop(torch.device("cpu"), seed=0, channels_last=False, progress=False, workers=workers)
+        states.append(fit(model, train, val, meta, recipe, loop, tmp_path / f"ckpt{workers}.pt").state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -24,8 +24,8 @@ from torch.utils._pytree import tree_flatten
 
 from pipeline import runtime, scoring, supernet
 from pipeline.config import Augment, Recipe
-from pipeline.data import Split
-from pipeline.features import FeatureCache, prefetch
+from pipeline.data import Split, prefetch
+from pipeline.features import FeatureCache
 from pipeline.runtime import Loop
 from pipeline.space import build_space
 from pipeline.supernet import BlockCheckpoint, BlockData, SupernetBlock, feature_keys, train_block
