@@ -8,6 +8,7 @@ their stand-alone units (hours here), and the variants could not be compared on 
 
     python benchmarks/ranking_experiments.py WORKSPACE                    # every variant, 2 blocks at a time
     python benchmarks/ranking_experiments.py WORKSPACE base fair --jobs 1
+    python benchmarks/ranking_experiments.py WORKSPACE fair_epochs30 --blocks b3    # one block only
 
 Writes WORKSPACE/artifacts/ranking_experiments/<variant>/ (its supernets, scores, metrics.json) and prints one
 markdown row per variant: per-block Kendall tau with its bootstrap interval, and the supernet stage's minutes.
@@ -43,6 +44,11 @@ VARIANTS: dict[str, list[str]] = {
     "fair_epochs10": ["supernet.sampler=fair", "supernet.epochs=10"],
     "fair_epochs15": ["supernet.sampler=fair", "supernet.epochs=15"],
     "fair_epochs10_seed1": ["supernet.sampler=fair", "supernet.epochs=10", "seed=1"],
+    "fair_epochs15_seed1": ["supernet.sampler=fair", "supernet.epochs=15", "seed=1"],
+    "fair_epochs30": ["supernet.sampler=fair", "supernet.epochs=30"],           # b3's widest ops under-trained?
+    "fair_epochs30_seed1": ["supernet.sampler=fair", "supernet.epochs=30", "seed=1"],
+    "fair_epochs60": ["supernet.sampler=fair", "supernet.epochs=60"],
+    "fair_epochs60_seed1": ["supernet.sampler=fair", "supernet.epochs=60", "seed=1"],
 }
 LINKED = ("artifacts/features", "artifacts/teacher", "data/prepared")
 
@@ -98,11 +104,15 @@ def main() -> None:
     parser.add_argument("workspace", type=Path)
     parser.add_argument("variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--blocks", nargs="+", help="only these blocks (default: all of space.blocks)")
     args = parser.parse_args()
     workspace = args.workspace.resolve()
     try:
         params = load_params(root=workspace)
-        blocks = list(params.space.blocks)
+        blocks = args.blocks or list(params.space.blocks)
+        stray = [b for b in blocks if b not in params.space.blocks]
+        if stray:
+            raise SystemExit(f"error: unknown block(s) {', '.join(stray)}: choose from {', '.join(params.space.blocks)}")
         for block in blocks:  # the ground truth must be there before hours of supernet training, not after
             fidelity.read_rows(workspace / "plots/fidelity" / f"{block}.csv", params.fidelity.seeds,
                                "dvc repro validate/dvc.yaml")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,7 @@ class BlockSpace:
     width: int = 0  # student channels at the block output (multiple of 8)
     cells: list[Cell] = field(default_factory=lambda: [Cell()])
     lr: float = 0.0  # 0 = supernet.lr
+    epochs: int = 0  # 0 = supernet.epochs; a block whose widest ops stay under-trained gets more (block_supernet)
 
 
 @dataclass
@@ -337,6 +338,13 @@ class Params:
     tracking: Tracking = field(default_factory=Tracking)
 
 
+def block_supernet(params: Params, block: str) -> Supernet:
+    """One block's supernet recipe: ``supernet.*`` with the block's own lr and epochs where ``space.blocks`` sets
+    them (the one place that merges them: the supernet stage, the fidelity check and SPOS's compute match)."""
+    own = params.space.blocks[block]
+    return replace(params.supernet, lr=own.lr or params.supernet.lr, epochs=own.epochs or params.supernet.epochs)
+
+
 def repo_root() -> Path:
     """The workspace a stage runs in (params.yaml, inputs, outputs): the working directory.
 
@@ -466,6 +474,8 @@ def _check_search_space(p: Params) -> None:
     check_space(p.space, len(p.teacher.boundaries))
     s, c = p.supernet, p.score
     _require(s.epochs >= 1, "supernet.epochs", s.epochs, "must be >= 1")
+    for name, block in p.space.blocks.items():
+        _require(block.epochs >= 0, f"space.blocks.{name}.epochs", block.epochs, "must be >= 0 (0 = supernet.epochs)")
     _require(s.batch_size > 0, "supernet.batch_size", s.batch_size, "must be > 0")
     _require(s.lr > 0, "supernet.lr", s.lr, "must be > 0")
     _require(0 < s.lr_decay <= 1, "supernet.lr_decay", s.lr_decay, "must be in (0, 1] (1 = constant lr)")

@@ -33,7 +33,7 @@ from scipy import stats
 from pipeline import records, runtime
 from pipeline.assembly import read_table
 from pipeline.checkpoint import ArtifactError, atomic
-from pipeline.config import ConfigError, Params, Supernet, as_dict
+from pipeline.config import ConfigError, Params, Supernet, as_dict, block_supernet
 from pipeline.scoring import RatingData, load_rating_data, score_naive, score_rows
 from pipeline.space import BlockSpec
 from pipeline.supernet import (
@@ -88,8 +88,7 @@ def unit_recipe(params: Params, block: str) -> Supernet:
     """The supernet's recipe (optimizer, the block's lr, decay, batch, loss, target_norm) with the check's epochs
     and samples; one path, so one val path."""
     f = params.fidelity
-    return replace(params.supernet, lr=params.space.blocks[block].lr or params.supernet.lr, epochs=f.epochs,
-                   train_samples=f.train_samples, val_paths=1)
+    return replace(block_supernet(params, block), epochs=f.epochs, train_samples=f.train_samples, val_paths=1)
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,14 @@ def _is_run_record(name: str) -> bool:
 def make_workspace(src: Path, dest: Path, overrides: Sequence[str] = (),
                    overlay: Path | Sequence[Path] = OVERLAY) -> Path:
     """Copy the repository's sources (no outputs, no run records) to ``dest``; params = params + overlay(s, merged
-    in order: configs/paper_mini.yaml shrinks configs/paper.yaml) + overrides."""
+    in order: configs/paper_mini.yaml shrinks configs/paper.yaml) + overrides. Overlays that name ``space.blocks``
+    replace the default's blocks (merged among themselves), so e.g. the default's b3 epochs never reach the paper's b3."""
     overlays = [overlay] if isinstance(overlay, Path) else list(overlay)
-    merged = OmegaConf.merge(OmegaConf.load(src / PARAMS_FILE), *(OmegaConf.load(src / o) for o in overlays),
-                             OmegaConf.from_dotlist(list(overrides)))
+    layers = [OmegaConf.load(src / o) for o in overlays]
+    base = OmegaConf.load(src / PARAMS_FILE)
+    if any(OmegaConf.select(layer, "space.blocks") is not None for layer in layers):
+        base.space.blocks = {}  # overlays naming blocks cut another teacher: the default's per-block settings stay out
+    merged = OmegaConf.merge(base, *layers, OmegaConf.from_dotlist(list(overrides)))
     validate(merged)  # a broken overlay fails before anything is copied
     dest.mkdir(parents=True, exist_ok=True)
     for name in _source_files(src):

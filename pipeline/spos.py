@@ -7,7 +7,7 @@ DNA's claim is that such whole-network weight sharing ranks architectures worse 
 (its ranking figure: DNA vs SPOS, DARTS, MnasNet); the check measures both in one space.
 
 Compute is matched (``match_compute``): backward costs about twice the forward in both, so training compute is
-images x forward MACs per image. The DNA supernets spend, per block, supernet.epochs x its train images x the mean
+images x forward MACs per image. The DNA supernets spend, per block, its epochs (block_supernet) x its train images x the mean
 MACs of a uniformly sampled path of that block at the supernet's (teacher-matched) widths, the stem in block 0;
 SPOS spends its images x the mean MACs of a whole student at student widths. ``validate.spos.compute`` is the
 ratio (1 = equal); the images it buys are spread over ``validate.spos.epochs`` epochs.
@@ -41,7 +41,7 @@ from torch import nn
 
 from pipeline import checkpoint, records, runtime
 from pipeline import space as space_module
-from pipeline.config import Params, Spos, Supernet, as_dict
+from pipeline.config import Params, Spos, as_dict, block_supernet
 from pipeline.data import Split, batches, normalize
 from pipeline.space import BlockSpec, SpaceSpec, build_layer, build_stem, candidate_id, fixed_parts_cost, module_cost
 from pipeline.supernet import recalibrate_bn
@@ -146,11 +146,13 @@ def mean_block_macs(block: BlockSpec, student: bool) -> float:
     return total
 
 
-def match_compute(spec: SpaceSpec, cfg: Spos, supernet: Supernet, cached_train: int) -> Compute:
-    """Steps per epoch that spend ``cfg.compute`` x the DNA supernets' training MACs; ``cached_train`` = the train
-    samples a supernet epoch draws from (the feature cache's: train images x cache.views)."""
+def match_compute(spec: SpaceSpec, cfg: Spos, params: Params, cached_train: int) -> Compute:
+    """Steps per epoch that spend ``cfg.compute`` x the DNA supernets' training MACs (each block at its own
+    epochs); ``cached_train`` = the train samples a supernet epoch draws from (train images x cache.views)."""
+    supernet = params.supernet
     per_epoch = (min(supernet.train_samples or cached_train, cached_train) // supernet.batch_size) * supernet.batch_size
-    dna = supernet.epochs * per_epoch * sum(mean_block_macs(b, student=False) for b in spec.blocks)
+    dna = per_epoch * sum(block_supernet(params, b.name).epochs * mean_block_macs(b, student=False)
+                          for b in spec.blocks)
     per_image = fixed_parts_cost(spec).flops + sum(mean_block_macs(b, student=True) for b in spec.blocks)
     steps = max(1, round(cfg.compute * dna / (per_image * cfg.epochs * cfg.batch_size)))
     return Compute(float(dna), float(per_image), steps)

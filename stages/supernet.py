@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
 
 from pipeline import cli, runtime, tracking
-from pipeline.config import Params, as_dict, repo_root
+from pipeline.config import Params, as_dict, block_supernet, repo_root
 from pipeline.features import open_features
 from pipeline.records import write_metrics
 from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
@@ -52,7 +51,7 @@ def run(params: Params, block: str) -> list[dict[str, float]]:
     if params.supernet.target_norm:
         stats = feature_moments(cache, "train", target_key)
         net.set_target_stats(stats["channel_mean"], stats["channel_std"])
-    cfg = replace(params.supernet, lr=params.space.blocks[block].lr or params.supernet.lr)  # a block's own lr
+    cfg = block_supernet(params, block)  # a block's own lr and epochs
     loop = runtime.loop_for(params.runtime, device, params.seed)
     ckpt = BlockCheckpoint(checkpoint_path(root, block), fingerprint(params, block, cache),
                            rebuild=f"dvc repro supernet@{block}")

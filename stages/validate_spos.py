@@ -32,7 +32,7 @@ def run(params: Params) -> dict[str, dict[str, float]]:
     choices = {a.name: student.choice_of({"candidates": list(a.candidates)}, spec, str(OUT / "archs.json"), SAMPLE)
                for a in archs}
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
-    compute = spos.match_compute(spec, cfg, params.supernet, len(train.labels) * params.cache.views)
+    compute = spos.match_compute(spec, cfg, params, len(train.labels) * params.cache.views)
     device = runtime.select_device(params.runtime)
     loop = runtime.loop_for(params.runtime, device, params.seed)
     runtime.seed_everything(params.seed)

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, Params, as_dict, load_params, validate
+from pipeline.config import ConfigError, Params, as_dict, block_supernet, load_params, validate
 from tests.fakes import REPO
 
 
@@ -25,6 +25,7 @@ def test_override_is_applied_and_coerced():
     (["cache.dtype=int8"], ["cache.dtype", "float16"]),
     (["runtime.device=tpu"], ["runtime.device", "tpu"]),
     (["teacher.boundaries=[3,1]"], ["teacher.boundaries"]),
+    (["+space.blocks.b1.epochs=-1"], ["space.blocks.b1.epochs", "-1", ">= 0"]),
 ])
 def test_bad_values_name_key_and_fix(override, words):
     with pytest.raises(ConfigError) as err:
@@ -33,6 +34,14 @@ def test_bad_values_name_key_and_fix(override, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_block_supernet_takes_a_blocks_own_lr_and_epochs():
+    p = load_params(["supernet.epochs=7", "supernet.lr=0.01", "+space.blocks.b0.epochs=0", "+space.blocks.b0.lr=0",
+                     "+space.blocks.b1.epochs=21", "+space.blocks.b1.lr=0.002"], root=REPO)
+    assert (block_supernet(p, "b0").epochs, block_supernet(p, "b0").lr) == (7, 0.01), "0 = the supernet's"
+    own = block_supernet(p, "b1")
+    assert (own.epochs, own.lr) == (21, 0.002) and own.batch_size == p.supernet.batch_size
 
 
 def test_missing_params_file(tmp_path):

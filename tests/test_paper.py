@@ -46,6 +46,14 @@ def test_overlay_loads_through_the_normal_loader(workspace):
     assert params.search.metric == "flops_dna" and params.teacher.kwargs == {"channels": None, "stem_width": None}
 
 
+def test_overlay_blocks_replace_the_defaults(workspace):
+    """params.yaml's per-block settings (b3's own supernet epochs) belong to its teacher's split, not B7's."""
+    params, default = load_params(root=workspace), load_params(root=REPO)
+    assert default.space.blocks["b3"].epochs > 0, "the default must set one for this test to mean something"
+    assert [b.epochs for b in params.space.blocks.values()] == [0] * 6
+    assert params.space.blocks["b3"].lr == 0.005, "the overlay's own per-block settings stay"
+
+
 def test_blocks_are_b7_stages_2_to_7(workspace):
     split = space.load_teacher_blocks(workspace / space.TEACHER_BLOCKS)
     assert (split["num_classes"], split["in_chans"]) == (1000, 3)

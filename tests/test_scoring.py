@@ -157,10 +157,10 @@ def test_score_stage_writes_the_table_contract(block_root: Path, tmp_path: Path,
     root = copy_root(block_root, tmp_path / "root")
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    params = load_params(["supernet.epochs=1"], root=root)
+    params = load_params(["supernet.epochs=1", "+space.blocks.b1.epochs=2"], root=root)
     with pytest.raises(checkpoint.ArtifactError, match=r"missing: rebuild it with `dvc repro supernet@b1`"):
         load_stage("score").run(params, block="b1")
-    load_stage("supernet").run(params, block="b1")
+    assert len(load_stage("supernet").run(params, block="b1")) == 2, "the block's own epochs, not supernet.epochs"
     stats = load_stage("score").run(params, block="b1")
     table = root / "artifacts/scores/b1.csv"
     with table.open() as f:

@@ -83,7 +83,7 @@ def test_compute_matches_the_dna_supernets(spec, params):
     """Mean MACs per network = the brute-force mean over every network; steps x batch x those = the DNA MACs."""
     brute = np.mean([sum(space.candidate_cost(b, n[b.name]).flops for b in spec.blocks) for n in _every_network(spec)])
     fixed = space.fixed_parts_cost(spec).flops
-    compute = spos.match_compute(spec, params.validate.spos, params.supernet, 512)
+    compute = spos.match_compute(spec, params.validate.spos, params, 512)
     assert compute.macs_per_image == pytest.approx(brute + fixed)
     cfg, sup = params.validate.spos, params.supernet
     per_block = sum(spos.mean_block_macs(b, student=False) for b in spec.blocks)
@@ -92,8 +92,14 @@ def test_compute_matches_the_dna_supernets(spec, params):
     images = compute.steps * cfg.epochs * cfg.batch_size
     assert compute.ratio(images) == pytest.approx(1.0, abs=cfg.epochs * cfg.batch_size * compute.macs_per_image
                                                   / compute.dna_macs)
-    doubled = tiny_params([*OVERRIDES, "validate.spos.compute=2"]).validate.spos
-    assert spos.match_compute(spec, doubled, sup, 512).steps == pytest.approx(2 * compute.steps, abs=1)
+    doubled = tiny_params([*OVERRIDES, "validate.spos.compute=2"])
+    assert spos.match_compute(spec, doubled.validate.spos, doubled, 512).steps == pytest.approx(2 * compute.steps, abs=1)
+    first = spec.blocks[0]
+    longer = tiny_params([*OVERRIDES, f"space.blocks.{first.name}.epochs={3 * sup.epochs}"])
+    extra = 2 * sup.epochs * (min(sup.train_samples, 512) // sup.batch_size) * sup.batch_size \
+        * spos.mean_block_macs(first, student=False)
+    assert spos.match_compute(spec, cfg, longer, 512).dna_macs == pytest.approx(compute.dna_macs + extra), \
+        "a block trained for its own epochs counts at those epochs"
 
 
 @torch.no_grad()
