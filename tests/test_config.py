@@ -44,6 +44,13 @@ def test_block_supernet_takes_a_blocks_own_lr_and_epochs():
     assert (own.epochs, own.lr) == (21, 0.002) and own.batch_size == p.supernet.batch_size
 
 
+def test_the_gpu_ground_truth_overrides_load():
+    """README's `dvc exp run` of the ranking check on a GPU must pass validation as written."""
+    p = load_params(["validate.train_limit=0", "validate.train.epochs=8", "validate.seeds=2", "validate.workers=6",
+                     "runtime.workers=2"], root=REPO)
+    assert (p.validate.train_limit, p.validate.train.epochs, p.validate.workers, p.runtime.workers) == (0, 8, 6, 2)
+
+
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="params.yaml"):
         load_params(root=tmp_path)
