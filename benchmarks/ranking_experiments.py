@@ -34,22 +34,27 @@ from pipeline.assembly import read_table  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
-VARIANTS: dict[str, list[str]] = {
+SETTINGS: dict[str, list[str]] = {
     "base": [],                                   # the default
-    "base_seed1": ["seed=1"],                     # the same, another seed: how far apart two runs fall
     "epochs10": ["supernet.epochs=10"],           # twice the supernet training
     "fair": ["supernet.sampler=fair"],            # each op once per layer every len(ops) steps
     "raw_mse": ["supernet.target_norm=false"],    # the paper's plain MSE on the teacher's units
     "target_units": ["score.units=target"],       # scores in the training loss's (standardised) units
     "fair_epochs10": ["supernet.sampler=fair", "supernet.epochs=10"],
     "fair_epochs15": ["supernet.sampler=fair", "supernet.epochs=15"],
-    "fair_epochs10_seed1": ["supernet.sampler=fair", "supernet.epochs=10", "seed=1"],
-    "fair_epochs15_seed1": ["supernet.sampler=fair", "supernet.epochs=15", "seed=1"],
     "fair_epochs30": ["supernet.sampler=fair", "supernet.epochs=30"],           # b3's widest ops under-trained?
-    "fair_epochs30_seed1": ["supernet.sampler=fair", "supernet.epochs=30", "seed=1"],
-    "fair_epochs60": ["supernet.sampler=fair", "supernet.epochs=60"],
-    "fair_epochs60_seed1": ["supernet.sampler=fair", "supernet.epochs=60", "seed=1"],
+    "fair_epochs60": ["supernet.sampler=fair", "supernet.epochs=60"],           # lr at 0.9^60: little past 30
+    "fair_epochs30_decay95": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr_decay=0.95"],
+    "fair_epochs30_lr02": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.02"],
+    "fair_epochs30_samples24k": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.train_samples=24000"],
+    "fair_epochs10_samples24k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.train_samples=24000"],
+    "fair_epochs30_lr04": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.04"],
+    "fair_epochs30_lr02_decay95": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.02",
+                                   "supernet.lr_decay=0.95"],
+    "fair_epochs10_lr02": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.02"],
+    "fair_epochs10_decay80": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr_decay=0.8"],  # settled weights
 }
+VARIANTS: dict[str, list[str]] = {**SETTINGS, **{f"{name}_seed1": [*o, "seed=1"] for name, o in SETTINGS.items()}}
 LINKED = ("artifacts/features", "artifacts/teacher", "data/prepared")
 
 

@@ -31,7 +31,7 @@ class ConfigError(PipelineError):
 class Runtime:
     device: str = "auto"  # auto picks cuda when available
     amp: bool = False  # autocast: bfloat16; float16 + GradScaler on GPUs without bfloat16
-    threads: int = 0  # 0 = one per core
+    threads: int = 0  # 0 = OMP_NUM_THREADS where set, else one per core (runtime.cpu_threads)
     channels_last: bool = True  # 2-2.5x faster convolutions on CPU
     progress: bool = True  # bars only appear on a terminal either way
     workers: int = 0  # image I/O: prepare's decoding processes, the training loops' reader threads (0 = in process)

@@ -144,10 +144,18 @@ def select_device(rt: Runtime) -> torch.device:
             name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(torch.device(name))
     else:
-        cores = len(os.sched_getaffinity(0))
-        procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(rt.threads or max(1, cores // procs))
+        torch.set_num_threads(rt.threads or cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return torch.device(name)
+
+
+def cpu_threads(procs: int = 1) -> int:
+    """Torch threads per process for ``runtime.threads: 0``: ``OMP_NUM_THREADS`` where a launcher set it (per
+    process, as OpenMP reads it: torchrun, SLURM, CI), else the cores shared among ``procs`` processes. Without
+    it two parallel jobs on two cores would each run two threads, which spin against each other."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return max(1, len(os.sched_getaffinity(0)) // procs)
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

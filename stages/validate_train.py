@@ -17,7 +17,6 @@ import contextlib
 import csv
 import logging
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import mlflow
 
-from pipeline import cli, student, tracking, validation
+from pipeline import cli, runtime, student, tracking, validation
 from pipeline.config import Params, as_dict, repo_root
 from pipeline.data import load_meta
 from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
@@ -46,7 +45,7 @@ def run(params: Params) -> list[dict[str, Any]]:
     every = validation.jobs(archs, params, root)  # costliest first
     mine = validation.shard(every, v.shard)
     workers = max(1, min(v.workers, len(mine)))
-    threads = params.runtime.threads or max(1, len(os.sched_getaffinity(0)) // workers)
+    threads = params.runtime.threads or runtime.cpu_threads(workers)
     mine = [replace(job, threads=threads) for job in mine]
     tracked = {"validate": as_dict(v), "space": as_dict(params.space), "seed": params.seed}
     with tracking.stage_run("validate_train", tracked, root, params.tracking.experiment):

@@ -23,6 +23,7 @@ from tests.fakes import REPO, make_block_root, make_student_root, write_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # stage processes too (runtime.cpu_threads): one per test worker
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

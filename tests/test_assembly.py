@@ -454,7 +454,7 @@ def stage_root(repo_copy, mlflow_uri, monkeypatch):
 def run_stage(root: Path, uri: str, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "stages" / "assemble.py"), *overrides], cwd=root,
                           capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": uri})
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri})
 
 
 def test_standalone_contract_and_infeasible_budget(stage_root, mlflow_uri, tmp_path):

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from pipeline import runtime, scoring, supernet
-from pipeline.config import Augment, Recipe
+from pipeline.config import Augment, Recipe, Runtime
 from pipeline.data import Split, prefetch
 from pipeline.features import FeatureCache
 from pipeline.runtime import Loop
@@ -228,3 +228,19 @@ def test_prefetch_reads_ahead_in_order_and_reraises_at_the_failing_item() -> Non
     with pytest.raises(ValueError, match="item 3"):
         next(items)
     assert loaded[:4] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("omp, procs, expected", [("3", 2, 3), ("", 2, None), ("0", 1, None), ("many", 1, None)])
+def test_cpu_threads_follow_omp_num_threads_else_share_the_cores(omp: str, procs: int, expected: int | None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launcher's OMP_NUM_THREADS (per process) wins: CI's two test workers must not each spin two threads."""
+    import os
+
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    cores = max(1, len(os.sched_getaffinity(0)) // procs)
+    assert runtime.cpu_threads(procs) == (expected or cores)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    runtime.select_device(Runtime(device="cpu"))  # runtime.threads: 0
+    assert torch.get_num_threads() == 3
+    runtime.select_device(Runtime(device="cpu", threads=1))  # an explicit setting wins
+    assert torch.get_num_threads() == 1

@@ -15,7 +15,7 @@ from tests.fakes import REPO
 def run_stage(root: Path, stage: str, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), *overrides], cwd=root,
                           capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                                "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
 
 
