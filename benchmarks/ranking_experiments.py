@@ -49,12 +49,24 @@ SETTINGS: dict[str, list[str]] = {
     "fair_epochs30_samples24k": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.train_samples=24000"],
     "fair_epochs10_samples24k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.train_samples=24000"],
     "fair_epochs30_lr04": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.04"],
+    "fair_epochs30_lr08": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.08"],
     "fair_epochs30_lr02_decay95": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.02",
                                    "supernet.lr_decay=0.95"],
+    "fair_epochs30_lr02_samples24k": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.02",
+                                      "supernet.train_samples=24000"],
+    "fair_epochs30_lr04_samples24k": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.04",
+                                      "supernet.train_samples=24000"],
     "fair_epochs10_lr02": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.02"],
+    "fair_epochs10_lr04": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.04"],
+    "fair_epochs10_lr005": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.005"],
     "fair_epochs10_decay80": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr_decay=0.8"],  # settled weights
 }
-VARIANTS: dict[str, list[str]] = {**SETTINGS, **{f"{name}_seed1": [*o, "seed=1"] for name, o in SETTINGS.items()}}
+SETTINGS |= {  # scoring only: the same supernets (their twin's, trained_twin), rated with more data
+    f"{name}_bigscore": [*SETTINGS[name], "score.bn_batch_size=2048", "score.batches=20"]
+    for name in ("fair_epochs30", "fair_epochs30_lr04")
+}
+VARIANTS: dict[str, list[str]] = {**SETTINGS, **{f"{name}_seed{k}": [*o, f"seed={k}"] for k in (1, 2, 3)
+                                                 for name, o in SETTINGS.items()}}
 LINKED = ("artifacts/features", "artifacts/teacher", "data/prepared")
 
 
@@ -71,14 +83,21 @@ def scratch(workspace: Path, name: str) -> Path:
     return root
 
 
+def trained_twin(name: str) -> str | None:
+    """The variant that trains the same supernets as ``name`` (its overrides less the ``score.*`` ones)."""
+    training = [o for o in VARIANTS[name] if not o.startswith("score.")]
+    return next((v for v, o in VARIANTS.items() if o == training and v != name), None)
+
+
 def run_block(root: Path, block: str, overrides: list[str]) -> float:
     """The block's supernet and score stages, one thread; the supernet's seconds. A variant that changes only
-    scoring starts from base's trained supernet (same fingerprint: the supernet stage finds it finished)."""
-    base = root.parent / "base" / "artifacts/supernet" / f"{block}.pt"
+    scoring starts from its twin's trained supernet (same fingerprint: the supernet stage finds it finished)."""
+    twin = trained_twin(root.name)
+    theirs = root.parent / str(twin) / "artifacts/supernet" / f"{block}.pt"
     mine = root / "artifacts/supernet" / f"{block}.pt"
-    if all(o.startswith("score.") for o in overrides) and base.is_file() and not mine.exists():
+    if twin and theirs.is_file() and not mine.exists():
         mine.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(base, mine)
+        shutil.copy(theirs, mine)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     seconds = 0.0

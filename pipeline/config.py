@@ -115,6 +115,7 @@ class BlockSpace:
     cells: list[Cell] = field(default_factory=lambda: [Cell()])
     lr: float = 0.0  # 0 = supernet.lr
     epochs: int = 0  # 0 = supernet.epochs; a block whose widest ops stay under-trained gets more (block_supernet)
+    train_samples: int = 0  # 0 = supernet.train_samples; more than the cache holds = all of it
 
 
 @dataclass
@@ -339,10 +340,12 @@ class Params:
 
 
 def block_supernet(params: Params, block: str) -> Supernet:
-    """One block's supernet recipe: ``supernet.*`` with the block's own lr and epochs where ``space.blocks`` sets
-    them (the one place that merges them: the supernet stage, the fidelity check and SPOS's compute match)."""
-    own = params.space.blocks[block]
-    return replace(params.supernet, lr=own.lr or params.supernet.lr, epochs=own.epochs or params.supernet.epochs)
+    """One block's supernet recipe: ``supernet.*`` with the block's own lr, epochs and train samples where
+    ``space.blocks`` sets them (the one place that merges them: the supernet stage, the fidelity check and SPOS's
+    compute match)."""
+    own, base = params.space.blocks[block], params.supernet
+    return replace(base, lr=own.lr or base.lr, epochs=own.epochs or base.epochs,
+                   train_samples=own.train_samples or base.train_samples)
 
 
 def repo_root() -> Path:
@@ -476,6 +479,8 @@ def _check_search_space(p: Params) -> None:
     _require(s.epochs >= 1, "supernet.epochs", s.epochs, "must be >= 1")
     for name, block in p.space.blocks.items():
         _require(block.epochs >= 0, f"space.blocks.{name}.epochs", block.epochs, "must be >= 0 (0 = supernet.epochs)")
+        _require(block.train_samples >= 0, f"space.blocks.{name}.train_samples", block.train_samples,
+                 "must be >= 0 (0 = supernet.train_samples)")
     _require(s.batch_size > 0, "supernet.batch_size", s.batch_size, "must be > 0")
     _require(s.lr > 0, "supernet.lr", s.lr, "must be > 0")
     _require(0 < s.lr_decay <= 1, "supernet.lr_decay", s.lr_decay, "must be in (0, 1] (1 = constant lr)")

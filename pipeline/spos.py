@@ -148,11 +148,14 @@ def mean_block_macs(block: BlockSpec, student: bool) -> float:
 
 def match_compute(spec: SpaceSpec, cfg: Spos, params: Params, cached_train: int) -> Compute:
     """Steps per epoch that spend ``cfg.compute`` x the DNA supernets' training MACs (each block at its own
-    epochs); ``cached_train`` = the train samples a supernet epoch draws from (train images x cache.views)."""
-    supernet = params.supernet
-    per_epoch = (min(supernet.train_samples or cached_train, cached_train) // supernet.batch_size) * supernet.batch_size
-    dna = per_epoch * sum(block_supernet(params, b.name).epochs * mean_block_macs(b, student=False)
-                          for b in spec.blocks)
+    epochs and train samples); ``cached_train`` = the train samples a supernet epoch draws from (train images x
+    cache.views)."""
+
+    def images(block: str) -> int:  # what the block's supernet trains on: its epochs x its whole batches
+        own = block_supernet(params, block)
+        return own.epochs * (min(own.train_samples or cached_train, cached_train) // own.batch_size) * own.batch_size
+
+    dna = sum(images(b.name) * mean_block_macs(b, student=False) for b in spec.blocks)
     per_image = fixed_parts_cost(spec).flops + sum(mean_block_macs(b, student=True) for b in spec.blocks)
     steps = max(1, round(cfg.compute * dna / (per_image * cfg.epochs * cfg.batch_size)))
     return Compute(float(dna), float(per_image), steps)

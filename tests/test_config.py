@@ -26,6 +26,7 @@ def test_override_is_applied_and_coerced():
     (["runtime.device=tpu"], ["runtime.device", "tpu"]),
     (["teacher.boundaries=[3,1]"], ["teacher.boundaries"]),
     (["+space.blocks.b1.epochs=-1"], ["space.blocks.b1.epochs", "-1", ">= 0"]),
+    (["+space.blocks.b3.train_samples=-5"], ["space.blocks.b3.train_samples", "-5", ">= 0"]),
 ])
 def test_bad_values_name_key_and_fix(override, words):
     with pytest.raises(ConfigError) as err:
@@ -36,12 +37,15 @@ def test_bad_values_name_key_and_fix(override, words):
         assert word in message
 
 
-def test_block_supernet_takes_a_blocks_own_lr_and_epochs():
-    p = load_params(["supernet.epochs=7", "supernet.lr=0.01", "+space.blocks.b0.epochs=0", "+space.blocks.b0.lr=0",
-                     "+space.blocks.b1.epochs=21", "+space.blocks.b1.lr=0.002"], root=REPO)
-    assert (block_supernet(p, "b0").epochs, block_supernet(p, "b0").lr) == (7, 0.01), "0 = the supernet's"
+def test_block_supernet_takes_a_blocks_own_lr_epochs_and_train_samples():
+    p = load_params(["supernet.epochs=7", "supernet.lr=0.01", "supernet.train_samples=500",
+                     "+space.blocks.b0.epochs=0", "+space.blocks.b0.lr=0", "+space.blocks.b0.train_samples=0",
+                     "+space.blocks.b1.epochs=21", "+space.blocks.b1.lr=0.002", "+space.blocks.b1.train_samples=900"],
+                    root=REPO)
+    b0 = block_supernet(p, "b0")
+    assert (b0.epochs, b0.lr, b0.train_samples) == (7, 0.01, 500), "0 = the supernet's"
     own = block_supernet(p, "b1")
-    assert (own.epochs, own.lr) == (21, 0.002) and own.batch_size == p.supernet.batch_size
+    assert (own.epochs, own.lr, own.train_samples) == (21, 0.002, 900) and own.batch_size == p.supernet.batch_size
 
 
 def test_the_gpu_ground_truth_overrides_load():

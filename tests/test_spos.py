@@ -100,6 +100,11 @@ def test_compute_matches_the_dna_supernets(spec, params):
         * spos.mean_block_macs(first, student=False)
     assert spos.match_compute(spec, cfg, longer, 512).dna_macs == pytest.approx(compute.dna_macs + extra), \
         "a block trained for its own epochs counts at those epochs"
+    fewer = tiny_params([*OVERRIDES, f"space.blocks.{first.name}.train_samples={sup.batch_size}"])  # one batch
+    less = sup.epochs * ((min(sup.train_samples, 512) // sup.batch_size) - 1) * sup.batch_size \
+        * spos.mean_block_macs(first, student=False)
+    assert spos.match_compute(spec, cfg, fewer, 512).dna_macs == pytest.approx(compute.dna_macs - less), \
+        "a block trained on its own samples per epoch counts those"
 
 
 @torch.no_grad()
