@@ -64,8 +64,10 @@ def repro(args: Sequence[str], root: Path) -> int:
 
 def _run_dvc(args: Sequence[str], root: Path, env: dict[str, str]) -> int:
     """DVC in its own process group, so that a signal to this process reaches it once, as Ctrl-C: DVC lets the
-    running stage end its run KILLED and exits without recording the stage."""
-    proc = subprocess.Popen([_DVC, *args], cwd=root, env=env, start_new_session=True)
+    running stage end its run KILLED and exits without recording the stage. DVC gets SIGINT's default action even
+    where this process was started ignoring it (``nohup ... &`` from a script), else that SIGINT would be lost."""
+    proc = subprocess.Popen([_DVC, *args], cwd=root, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         return proc.wait()
     except (KeyboardInterrupt, tracking.Terminated):

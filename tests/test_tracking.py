@@ -200,3 +200,18 @@ def test_an_interrupted_repro_passes_the_signal_to_dvc_once(tmp_path, monkeypatc
     finally:
         signal.signal(signal.SIGINT, previous)
     assert (tmp_path / "got").read_text() == "INT\n"
+
+
+def test_dvc_can_be_interrupted_where_repro_was_started_ignoring_sigint(tmp_path, monkeypatch):
+    """A background job from a script starts with SIGINT ignored; DVC must not inherit that (the signal that stops
+    it is SIGINT), or SIGTERM on `pipeline.repro` would wait forever."""
+    fake = tmp_path / "dvc"
+    fake.write_text(f"#!{sys.executable}\nimport signal\nopen('disposition', 'w').write(repr(signal.getsignal(signal.SIGINT)))\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(repro, "_DVC", str(fake))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert repro._run_dvc(["repro"], tmp_path, dict(os.environ)) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "SIG_IGN" not in (tmp_path / "disposition").read_text()
