@@ -26,7 +26,7 @@ def test_override_is_applied_and_coerced():
     (["runtime.device=tpu"], ["runtime.device", "tpu"]),
     (["teacher.boundaries=[3,1]"], ["teacher.boundaries"]),
     (["+space.blocks.b1.epochs=-1"], ["space.blocks.b1.epochs", "-1", ">= 0"]),
-    (["+space.blocks.b3.train_samples=-5"], ["space.blocks.b3.train_samples", "-5", ">= 0"]),
+    (["space.blocks.b3.train_samples=-5"], ["space.blocks.b3.train_samples", "-5", ">= 0"]),
 ])
 def test_bad_values_name_key_and_fix(override, words):
     with pytest.raises(ConfigError) as err:
