@@ -40,14 +40,14 @@ def make_workspace(src: Path, dest: Path, overrides: Sequence[str] = (),
     """Copy the repository's sources (no outputs, no run records) to ``dest``; params = params + overlay(s, merged
     in order: configs/paper_mini.yaml shrinks configs/paper.yaml) + overrides. Overlays that set another teacher
     (``teacher.name`` or ``boundaries``) and name ``space.blocks`` replace the default's blocks (merged among
-    themselves), so the default's b3 epochs never reach the paper's b3; others (smoke) merge into them."""
+    themselves), so the default's b3 recipe never reaches the paper's b3; others (smoke) merge into them."""
     overlays = [overlay] if isinstance(overlay, Path) else list(overlay)
     layers = [OmegaConf.load(src / o) for o in overlays]
     base = OmegaConf.load(src / PARAMS_FILE)
     other_teacher = any(OmegaConf.select(layer, key) is not None for layer in layers
                         for key in ("teacher.name", "teacher.boundaries"))
     if other_teacher and any(OmegaConf.select(layer, "space.blocks") is not None for layer in layers):
-        base.space.blocks = {}  # another teacher's split: the default's per-block settings (b3's epochs) stay out
+        base.space.blocks = {}  # another teacher's split: the default's per-block settings (b3's recipe) stay out
     merged = OmegaConf.merge(base, *layers, OmegaConf.from_dotlist(list(overrides)))
     validate(merged)  # a broken overlay fails before anything is copied
     dest.mkdir(parents=True, exist_ok=True)
