@@ -60,6 +60,9 @@ SETTINGS: dict[str, list[str]] = {
     "fair_epochs10_lr04": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.04"],
     "fair_epochs10_lr005": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.005"],
     "fair_epochs10_decay80": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr_decay=0.8"],  # settled weights
+    "fair_epochs10_lr0075": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.0075"],
+    "fair_epochs10_lr005_samples24k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.005",
+                                       "supernet.train_samples=24000"],  # the low lr's early-training look, trained on
 }
 SETTINGS |= {  # scoring only: the same supernets (their twin's, trained_twin), rated with more data
     f"{name}_bigscore": [*SETTINGS[name], "score.bn_batch_size=2048", "score.batches=20"]

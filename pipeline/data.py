@@ -21,7 +21,7 @@ import random
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from pipeline.config import Augment, Data
 from pipeline.errors import PipelineError
+from pipeline.runtime import worker_pool
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -229,8 +230,8 @@ def _decode(source: _Source, rows: np.ndarray, path: Path, size: int,
     log.info("decoding %d images %s", len(rows), f"in {workers} worker processes" if workers else "in process")
     if not workers:
         return out, [b for task in tasks for b in _decode_files(*task)]
-    with ProcessPoolExecutor(workers) as pool:
-        return out, [b for bad in pool.map(_decode_files, *zip(*tasks, strict=True)) for b in bad]
+    with worker_pool(workers) as pool:  # stops on Ctrl-C instead of waiting for a killed worker
+        return out, [b for bad in pool.starmap(_decode_files, tasks) for b in bad]
 
 
 def _move_rows(src: _RowFile, targets: dict[Path, np.ndarray]) -> None:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import multiprocessing
+import multiprocessing.pool
 import os
 import random
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -156,6 +159,14 @@ def cpu_threads(procs: int = 1) -> int:
     if omp.isdigit() and int(omp) > 0:
         return int(omp)
     return max(1, len(os.sched_getaffinity(0)) // procs)
+
+
+def worker_pool(workers: int, start_method: str | None = None) -> multiprocessing.pool.Pool:
+    """A process pool whose workers ignore SIGINT. Ctrl-C signals the whole process group, and a worker that dies
+    mid-task leaves a ``concurrent.futures`` pool waiting for it forever; here only the parent gets
+    KeyboardInterrupt, and leaving ``with`` terminates the workers."""
+    return multiprocessing.get_context(start_method).Pool(workers, initializer=signal.signal,
+                                                          initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,19 +66,16 @@ def run(params: Params) -> list[dict[str, Any]]:
 
 
 def _train(jobs: list[validation.Job], workers: int):
-    """(job, result) as units finish; one process per worker (spawned: no forked torch state)."""
+    """(job, result) as units finish; one process per worker (spawned: no forked torch state). On Ctrl-C the
+    workers are stopped (``runtime.worker_pool``): finished units keep their results, running ones their last
+    epoch's checkpoint."""
     if workers <= 1 or len(jobs) <= 1:
         yield from ((job, validation.train_unit(job)) for job in jobs)
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(validation.train_unit, job): job for job in jobs}
-        try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # finished units keep their results; running ones their checkpoints
-            raise
+    unit = {(job.arch.name, job.seed): job for job in jobs}
+    with runtime.worker_pool(workers, "spawn") as pool:
+        for result in pool.imap_unordered(validation.train_unit, jobs):  # submitted in order: costliest first
+            yield unit[result["name"], result["seed"]], result
 
 
 def _log_unit(job: validation.Job, result: dict[str, Any]) -> None:

@@ -1,6 +1,12 @@
 """The ranking check's library: drawing architectures, rank statistics, the searched-vs-random comparison."""
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +274,44 @@ def tiny_params_like(params, shard: str):
     from dataclasses import replace
 
     return replace(params, validate=replace(params.validate, shard=shard))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_ctrl_c_stops_the_parallel_units_and_leaves_no_worker(ranking_root):
+    """Ctrl-C signals the whole process group: workers killed mid-protocol used to leave the pool's parent joining
+    a dead manager thread forever (found interrupting `dvc repro validate/dvc.yaml`)."""
+    root = ranking_root("interrupt")
+    proc = subprocess.Popen([sys.executable, str(REPO / "stages/validate_train.py"), "validate.workers=2",
+                             "validate.train.epochs=1000"], cwd=root, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                                 "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(root.glob("artifacts/validate/runs/*/seed0"))) < 2:  # both workers are training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) != 0
+        left = _group_members(proc.pid)
+        assert not left, f"outlived the stage: {left}"
+        assert not list(root.glob("artifacts/validate/runs/*/seed0/result.json")), "the units were still training"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _group_members(group: int, wait: float = 10.0) -> list[str]:
+    """Command lines of the processes still in ``group`` after up to ``wait`` s (multiprocessing's resource tracker
+    leaves once the last of the processes it serves is gone)."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == group:
+                    left.append((stat.parent / "cmdline").read_text().replace("\0", " "))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
