@@ -250,7 +250,7 @@ def test_two_shards_train_what_one_run_trains(ranking_root, monkeypatch):
     monkeypatch.setattr(stage, "_log_unit", lambda job, result: None)
     one, split = ranking_root("one"), ranking_root("split")
     monkeypatch.chdir(one)
-    stage.run(params_at(one))
+    stage.run(tiny_params_like(params_at(one), "", workers=2))  # two worker processes train what one process trains
     monkeypatch.chdir(split)
     params = params_at(split)
     first = stage.run(tiny_params_like(params, "0/2"))
@@ -270,10 +270,10 @@ def test_two_shards_train_what_one_run_trains(ranking_root, monkeypatch):
         validation.jobs(validation.read_sampled(one / "artifacts/validate/archs.json"), params_at(one), one), "", TRAIN)
 
 
-def tiny_params_like(params, shard: str):
+def tiny_params_like(params, shard: str, workers: int = 1):
     from dataclasses import replace
 
-    return replace(params, validate=replace(params.validate, shard=shard))
+    return replace(params, validate=replace(params.validate, shard=shard, workers=workers))
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
