@@ -11,7 +11,9 @@ their stand-alone units (hours here), and the variants could not be compared on 
     python benchmarks/ranking_experiments.py WORKSPACE fair_epochs30 --blocks b3    # one block only
 
 Writes WORKSPACE/artifacts/ranking_experiments/<variant>/ (its supernets, scores, metrics.json) and prints one
-markdown row per variant: per-block Kendall tau with its bootstrap interval, and the supernet stage's minutes.
+markdown row per variant: per-block Kendall tau with its bootstrap interval, and the supernet stage's minutes
+(``--by-epoch``: also which epoch of stand-alone training the scores rank like). A variant already trained and
+scored is only ranked again (the stages find their outputs finished under the same fingerprint).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -63,6 +67,8 @@ SETTINGS: dict[str, list[str]] = {
     "fair_epochs10_lr0075": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.0075"],
     "fair_epochs10_lr005_samples24k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.005",
                                        "supernet.train_samples=24000"],  # the low lr's early-training look, trained on
+    "fair_epochs10_lr005_samples48k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.005",
+                                       "supernet.train_samples=48000"],
 }
 SETTINGS |= {  # scoring only: the same supernets (their twin's, trained_twin), rated with more data
     f"{name}_bigscore": [*SETTINGS[name], "score.bn_batch_size=2048", "score.batches=20"]
@@ -123,7 +129,21 @@ def rank(workspace: Path, root: Path, blocks: list[str], seeds: int, resamples: 
         scores = dict(zip(table.candidates, table.score.tolist(), strict=True))
         rows = [{**r, "score": scores[r["candidate"]]} for r in rows]
         out[block] = fidelity.block_metrics(rows, seeds, resamples, seed)
+        out[block]["tau_by_epoch"] = tau_by_epoch(workspace, block, rows, seeds)
     return out
+
+
+def tau_by_epoch(workspace: Path, block: str, rows: list[dict], seeds: int) -> list[float]:
+    """Kendall tau of the scores against the stand-alone units' seed-mean val loss after each of their epochs:
+    which stage of stand-alone training the supernet ranks like (an under-trained one ranks like epoch 1)."""
+    from scipy.stats import kendalltau
+
+    runs = workspace / "artifacts/fidelity/runs" / block
+    curves = np.array([[[h["val_loss"] for h in json.loads((runs / r["candidate"].replace(":", ".") / f"seed{k}" /
+                                                             fidelity.RESULT).read_text())["history"]]
+                        for k in range(seeds)] for r in rows]).mean(axis=1)
+    score = [r["score"] for r in rows]
+    return [float(kendalltau(curves[:, e], score).statistic) for e in range(curves.shape[1])]
 
 
 def main() -> None:
@@ -132,6 +152,8 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--blocks", nargs="+", help="only these blocks (default: all of space.blocks)")
+    parser.add_argument("--by-epoch", action="store_true",
+                        help="also the scores' tau against the stand-alone val loss after each epoch")
     args = parser.parse_args()
     workspace = args.workspace.resolve()
     try:
@@ -162,6 +184,10 @@ def main() -> None:
         cells = [f"{m['tau']:.2f} [{m['tau_lo']:.2f}, {m['tau_hi']:.2f}]" for m in metrics.values()]
         mean = sum(m["tau"] for m in metrics.values()) / len(metrics)
         print(f"| {v} | " + " | ".join(cells) + f" | {mean:.2f} | {minutes:.1f} |")
+        if args.by_epoch:
+            for b, m in metrics.items():
+                print(f"|   {b} tau vs stand-alone val loss, epochs 1..{len(m['tau_by_epoch'])} | "
+                      + " ".join(f"{t:.2f}" for t in m["tau_by_epoch"]) + " |")
 
 
 if __name__ == "__main__":
