@@ -12,8 +12,8 @@ their stand-alone units (hours here), and the variants could not be compared on 
 
 Writes WORKSPACE/artifacts/ranking_experiments/<variant>/ (its supernets, scores, metrics.json) and prints one
 markdown row per variant: per-block Kendall tau with its bootstrap interval, and the supernet stage's minutes
-(``--by-epoch``: also which epoch of stand-alone training the scores rank like). A variant already trained and
-scored is only ranked again (the stages find their outputs finished under the same fingerprint).
+(``--by-epoch``: also which epoch of stand-alone training the scores rank like). Rerunning a variant retrains
+nothing (the supernet stage finds its checkpoint finished under the same fingerprint); only its scoring runs again.
 """
 
 from __future__ import annotations
