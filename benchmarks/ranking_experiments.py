@@ -69,6 +69,10 @@ SETTINGS: dict[str, list[str]] = {
                                        "supernet.train_samples=24000"],  # the low lr's early-training look, trained on
     "fair_epochs10_lr005_samples48k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.005",
                                        "supernet.train_samples=48000"],
+    "fair_epochs10_lr0075_samples24k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.0075",
+                                        "supernet.train_samples=24000"],
+    "fair_epochs15_lr005_samples24k": ["supernet.sampler=fair", "supernet.epochs=15", "supernet.lr=0.005",
+                                       "supernet.train_samples=24000"],
 }
 SETTINGS |= {  # scoring only: the same supernets (their twin's, trained_twin), rated with more data
     f"{name}_bigscore": [*SETTINGS[name], "score.bn_batch_size=2048", "score.batches=20"]
