@@ -38,41 +38,40 @@ from pipeline.assembly import read_table  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
+
+def _fair(epochs: int, *more: str) -> list[str]:
+    """Overrides of a fair-sampler variant: the sampler, the epochs, then the rest."""
+    return ["supernet.sampler=fair", f"supernet.epochs={epochs}", *more]
+
+
 SETTINGS: dict[str, list[str]] = {
     "base": [],                                   # the default
     "epochs10": ["supernet.epochs=10"],           # twice the supernet training
     "fair": ["supernet.sampler=fair"],            # each op once per layer every len(ops) steps
     "raw_mse": ["supernet.target_norm=false"],    # the paper's plain MSE on the teacher's units
     "target_units": ["score.units=target"],       # scores in the training loss's (standardised) units
-    "fair_epochs10": ["supernet.sampler=fair", "supernet.epochs=10"],
-    "fair_epochs15": ["supernet.sampler=fair", "supernet.epochs=15"],
-    "fair_epochs30": ["supernet.sampler=fair", "supernet.epochs=30"],           # b3's widest ops under-trained?
-    "fair_epochs60": ["supernet.sampler=fair", "supernet.epochs=60"],           # lr at 0.9^60: little past 30
-    "fair_epochs30_decay95": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr_decay=0.95"],
-    "fair_epochs30_lr02": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.02"],
-    "fair_epochs30_samples24k": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.train_samples=24000"],
-    "fair_epochs10_samples24k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.train_samples=24000"],
-    "fair_epochs30_lr04": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.04"],
-    "fair_epochs30_lr08": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.08"],
-    "fair_epochs30_lr02_decay95": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.02",
-                                   "supernet.lr_decay=0.95"],
-    "fair_epochs30_lr02_samples24k": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.02",
-                                      "supernet.train_samples=24000"],
-    "fair_epochs30_lr04_samples24k": ["supernet.sampler=fair", "supernet.epochs=30", "supernet.lr=0.04",
-                                      "supernet.train_samples=24000"],
-    "fair_epochs10_lr02": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.02"],
-    "fair_epochs10_lr04": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.04"],
-    "fair_epochs10_lr005": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.005"],
-    "fair_epochs10_decay80": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr_decay=0.8"],  # settled weights
-    "fair_epochs10_lr0075": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.0075"],
-    "fair_epochs10_lr005_samples24k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.005",
-                                       "supernet.train_samples=24000"],  # the low lr's early-training look, trained on
-    "fair_epochs10_lr005_samples48k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.005",
-                                       "supernet.train_samples=48000"],
-    "fair_epochs10_lr0075_samples24k": ["supernet.sampler=fair", "supernet.epochs=10", "supernet.lr=0.0075",
-                                        "supernet.train_samples=24000"],
-    "fair_epochs15_lr005_samples24k": ["supernet.sampler=fair", "supernet.epochs=15", "supernet.lr=0.005",
-                                       "supernet.train_samples=24000"],
+    "fair_epochs10": _fair(10),
+    "fair_epochs15": _fair(15),
+    "fair_epochs30": _fair(30),                   # b3's widest ops under-trained?
+    "fair_epochs60": _fair(60),                   # lr at 0.9^60: little past 30
+    "fair_epochs30_decay95": _fair(30, "supernet.lr_decay=0.95"),
+    "fair_epochs30_lr02": _fair(30, "supernet.lr=0.02"),
+    "fair_epochs30_samples24k": _fair(30, "supernet.train_samples=24000"),
+    "fair_epochs10_samples24k": _fair(10, "supernet.train_samples=24000"),
+    "fair_epochs30_lr04": _fair(30, "supernet.lr=0.04"),
+    "fair_epochs30_lr08": _fair(30, "supernet.lr=0.08"),
+    "fair_epochs30_lr02_decay95": _fair(30, "supernet.lr=0.02", "supernet.lr_decay=0.95"),
+    "fair_epochs30_lr02_samples24k": _fair(30, "supernet.lr=0.02", "supernet.train_samples=24000"),
+    "fair_epochs30_lr04_samples24k": _fair(30, "supernet.lr=0.04", "supernet.train_samples=24000"),
+    "fair_epochs10_lr02": _fair(10, "supernet.lr=0.02"),
+    "fair_epochs10_lr04": _fair(10, "supernet.lr=0.04"),
+    "fair_epochs10_lr005": _fair(10, "supernet.lr=0.005"),
+    "fair_epochs10_decay80": _fair(10, "supernet.lr_decay=0.8"),  # settled weights
+    "fair_epochs10_lr0075": _fair(10, "supernet.lr=0.0075"),
+    "fair_epochs10_lr005_samples24k": _fair(10, "supernet.lr=0.005", "supernet.train_samples=24000"),  # b0-b2 now
+    "fair_epochs10_lr005_samples48k": _fair(10, "supernet.lr=0.005", "supernet.train_samples=48000"),
+    "fair_epochs10_lr0075_samples24k": _fair(10, "supernet.lr=0.0075", "supernet.train_samples=24000"),
+    "fair_epochs15_lr005_samples24k": _fair(15, "supernet.lr=0.005", "supernet.train_samples=24000"),
 }
 SETTINGS |= {  # scoring only: the same supernets (their twin's, trained_twin), rated with more data
     f"{name}_bigscore": [*SETTINGS[name], "score.bn_batch_size=2048", "score.batches=20"]
