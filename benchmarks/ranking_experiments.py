@@ -72,6 +72,10 @@ SETTINGS: dict[str, list[str]] = {
     "fair_epochs10_lr005_samples48k": _fair(10, "supernet.lr=0.005", "supernet.train_samples=48000"),
     "fair_epochs10_lr0075_samples24k": _fair(10, "supernet.lr=0.0075", "supernet.train_samples=24000"),
     "fair_epochs15_lr005_samples24k": _fair(15, "supernet.lr=0.005", "supernet.train_samples=24000"),
+    "fair_epochs10_lr005_samples24k_decay80": _fair(10, "supernet.lr=0.005", "supernet.train_samples=24000",
+                                                    "supernet.lr_decay=0.8"),
+    "uniform_epochs10_lr005_samples24k": ["supernet.sampler=uniform", "supernet.epochs=10", "supernet.lr=0.005",
+                                          "supernet.train_samples=24000"],
 }
 SETTINGS |= {  # scoring only: the same supernets (their twin's, trained_twin), rated with more data
     f"{name}_bigscore": [*SETTINGS[name], "score.bn_batch_size=2048", "score.batches=20"]
