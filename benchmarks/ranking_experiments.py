@@ -12,8 +12,9 @@ their stand-alone units (hours here), and the variants could not be compared on 
 
 Writes WORKSPACE/artifacts/ranking_experiments/<variant>/ (its supernets, scores, metrics.json) and prints one
 markdown row per variant: per-block Kendall tau with its bootstrap interval, and the supernet stage's minutes
-(``--by-epoch``: also which epoch of stand-alone training the scores rank like). Rerunning a variant retrains
-nothing (the supernet stage finds its checkpoint finished under the same fingerprint); only its scoring runs again.
+(``--by-epoch``: also which epoch of stand-alone training the scores rank like). Rerunning a variant under the
+same code retrains nothing (the supernet stage finds its checkpoint finished under the same fingerprint); only its
+scoring runs again. A code change retrains it, to the same scores (checked on one b2 variant).
 """
 
 from __future__ import annotations
@@ -127,8 +128,12 @@ def run_block(root: Path, block: str, overrides: list[str]) -> float:
     return seconds
 
 
-def rank(workspace: Path, root: Path, blocks: list[str], seeds: int, resamples: int, seed: int) -> dict:
-    """Per block: the variant's scores of the check's candidates against their stand-alone errors."""
+def rank(workspace: Path, root: Path, blocks: list[str], seeds: int, resamples: int, seed: int,
+         curves: dict[str, np.ndarray]) -> dict:
+    """Per block: the variant's scores of the check's candidates against their stand-alone errors (and against
+    their val loss after each epoch, for the blocks in ``curves``)."""
+    from scipy.stats import kendalltau
+
     out = {}
     for block in blocks:
         rows = fidelity.read_rows(workspace / "plots/fidelity" / f"{block}.csv", seeds, "dvc repro validate/dvc.yaml")
@@ -136,33 +141,38 @@ def rank(workspace: Path, root: Path, blocks: list[str], seeds: int, resamples: 
         scores = dict(zip(table.candidates, table.score.tolist(), strict=True))
         rows = [{**r, "score": scores[r["candidate"]]} for r in rows]
         out[block] = fidelity.block_metrics(rows, seeds, resamples, seed)
-        out[block]["tau_by_epoch"] = tau_by_epoch(workspace, block, rows, seeds)
+        if block in curves:
+            score = [r["score"] for r in rows]
+            out[block]["tau_by_epoch"] = [float(kendalltau(epoch, score).statistic) for epoch in curves[block].T]
     return out
 
 
-def tau_by_epoch(workspace: Path, block: str, rows: list[dict], seeds: int) -> list[float]:
-    """Kendall tau of the scores against the stand-alone units' seed-mean val loss after each of their epochs:
-    which stage of stand-alone training the supernet ranks like (an under-trained one ranks like epoch 1)."""
-    from scipy.stats import kendalltau
-
+def stand_alone_curves(workspace: Path, rows: list[dict], block: str, seeds: int) -> np.ndarray:
+    """(candidate, epoch) seed-mean val loss of the check's stand-alone units, in the order of ``rows``: which
+    stage of stand-alone training the supernet ranks like (an under-trained one ranks like epoch 1)."""
     runs = workspace / "artifacts/fidelity/runs" / block
-    curves = np.array([[[h["val_loss"] for h in json.loads((runs / r["candidate"].replace(":", ".") / f"seed{k}" /
-                                                             fidelity.RESULT).read_text())["history"]]
-                        for k in range(seeds)] for r in rows]).mean(axis=1)
-    score = [r["score"] for r in rows]
-    return [float(kendalltau(curves[:, e], score).statistic) for e in range(curves.shape[1])]
+    try:
+        return np.array([[[h["val_loss"] for h in json.loads((runs / r["candidate"].replace(":", ".") / f"seed{k}" /
+                                                               fidelity.RESULT).read_text())["history"]]
+                          for k in range(seeds)] for r in rows], dtype=float).mean(axis=1)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PipelineError(f"--by-epoch needs every stand-alone unit's history under {runs} ({err}): rebuild them "
+                            "with `dvc repro validate/dvc.yaml:fidelity_report`, or drop --by-epoch") from None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workspace", type=Path)
     parser.add_argument("variants", nargs="*", default=list(VARIANTS))
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=2, help="blocks trained at once (one thread each), >= 1")
     parser.add_argument("--blocks", nargs="+", help="only these blocks (default: all of space.blocks)")
     parser.add_argument("--by-epoch", action="store_true",
                         help="also the scores' tau against the stand-alone val loss after each epoch")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be >= 1")
     workspace = args.workspace.resolve()
+    curves = {}
     try:
         params = load_params(root=workspace)
         blocks = args.blocks or list(params.space.blocks)
@@ -170,8 +180,10 @@ def main() -> None:
         if stray:
             raise SystemExit(f"error: unknown block(s) {', '.join(stray)}: choose from {', '.join(params.space.blocks)}")
         for block in blocks:  # the ground truth must be there before hours of supernet training, not after
-            fidelity.read_rows(workspace / "plots/fidelity" / f"{block}.csv", params.fidelity.seeds,
-                               "dvc repro validate/dvc.yaml")
+            rows = fidelity.read_rows(workspace / "plots/fidelity" / f"{block}.csv", params.fidelity.seeds,
+                                      "dvc repro validate/dvc.yaml")
+            if args.by_epoch:
+                curves[block] = stand_alone_curves(workspace, rows, block, params.fidelity.seeds)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -184,7 +196,8 @@ def main() -> None:
     print("| variant | " + " | ".join(f"{b} tau [95%]" for b in blocks) + " | mean tau | supernet min (1 thread) |")
     print("|---|" + "---|" * (len(blocks) + 2))
     for v in args.variants:
-        metrics = rank(workspace, roots[v], blocks, params.fidelity.seeds, params.fidelity.bootstrap, params.seed)
+        metrics = rank(workspace, roots[v], blocks, params.fidelity.seeds, params.fidelity.bootstrap, params.seed,
+                       curves)
         minutes = sum(seconds[(v, b)] for b in blocks) / 60
         (roots[v] / "metrics.json").write_text(json.dumps({"overrides": VARIANTS[v], "supernet_minutes": minutes,
                                                            "blocks": metrics}, indent=2) + "\n")

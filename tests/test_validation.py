@@ -281,15 +281,17 @@ def test_ctrl_c_stops_the_parallel_units_and_leaves_no_worker(ranking_root):
     """Ctrl-C signals the whole process group: workers killed mid-protocol used to leave the pool's parent joining
     a dead manager thread forever (found interrupting `dvc repro validate/dvc.yaml`)."""
     root = ranking_root("interrupt")
-    proc = subprocess.Popen([sys.executable, str(REPO / "stages/validate_train.py"), "validate.workers=2",
-                             "validate.train.epochs=1000"], cwd=root, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                                 "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
+    log = root / "stage.log"  # a file, not a pipe: nothing here reads while the stage writes
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "stages/validate_train.py"), "validate.workers=2",
+                                 "validate.train.epochs=1000"], cwd=root, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                                     "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
     try:
         deadline = time.monotonic() + 120
         while len(list(root.glob("artifacts/validate/runs/*/seed0"))) < 2:  # both workers are training
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.2)
         time.sleep(1)
         os.killpg(proc.pid, signal.SIGINT)
