@@ -312,6 +312,7 @@ class Fidelity:
     seeds: int = 2  # stand-alone trainings per candidate (averaged; >= 2 gives the seed-to-seed tau)
     epochs: int = 16  # per unit (the supernet's per-epoch lr decay applies); 8 left the val error falling ~8%/epoch
     train_samples: int = 6000  # fresh random train samples per epoch (0 = the whole split)
+    lr: float = 0.01  # the units' lr (0 = the block's supernet lr): fixed, so tuning the supernet keeps the truth
     bootstrap: int = 2000  # resamples for the 95% intervals of tau
 
 
@@ -571,4 +572,5 @@ def _check_fidelity(f: Fidelity) -> None:
     _require(f.seeds >= 1, "fidelity.seeds", f.seeds, "must be >= 1 (2 also gives the seed-to-seed tau)")
     _require(f.epochs >= 2, "fidelity.epochs", f.epochs, "must be >= 2 (convergence is read off the last epoch's gain)")
     _require(f.train_samples >= 0, "fidelity.train_samples", f.train_samples, "must be >= 0 (0 = the whole split)")
+    _require(f.lr >= 0, "fidelity.lr", f.lr, "must be >= 0 (0 = the block's supernet lr)")
     _require(f.bootstrap >= 100, "fidelity.bootstrap", f.bootstrap, "must be >= 100 resamples")

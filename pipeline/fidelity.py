@@ -85,10 +85,11 @@ def single_path(block: BlockSpec, cid: str) -> BlockSpec:
 
 
 def unit_recipe(params: Params, block: str) -> Supernet:
-    """The supernet's recipe (optimizer, the block's lr, decay, batch, loss, target_norm) with the check's epochs
-    and samples; one path, so one val path."""
-    f = params.fidelity
-    return replace(block_supernet(params, block), epochs=f.epochs, train_samples=f.train_samples, val_paths=1)
+    """The supernet's recipe (optimizer, decay, batch, loss, target_norm) with the check's lr, epochs and samples;
+    one path, so one val path. The lr is the check's own (``fidelity.lr``) unless 0: a ground truth that moved
+    with every supernet lr tried could not compare the tries."""
+    f, own = params.fidelity, block_supernet(params, block)
+    return replace(own, lr=f.lr or own.lr, epochs=f.epochs, train_samples=f.train_samples, val_paths=1)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ def test_k_beyond_the_block_or_below_two_is_one_line_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"'fidelity.candidates' = 5 .* block b0 has 4 candidates, choose 2..4"):
         fidelity.draw(scores, 5, seed=0, block=block)
     for override, key in [("fidelity.candidates=1", "fidelity.candidates"), ("fidelity.epochs=1", "fidelity.epochs"),
-                          ("fidelity.seeds=0", "fidelity.seeds"), ("fidelity.bootstrap=10", "fidelity.bootstrap")]:
+                          ("fidelity.seeds=0", "fidelity.seeds"), ("fidelity.bootstrap=10", "fidelity.bootstrap"),
+                          ("fidelity.lr=-0.01", "fidelity.lr")]:
         with pytest.raises(ConfigError, match=key) as err:
             tiny_params([override])
         assert "\n" not in str(err.value)
@@ -127,8 +128,12 @@ def test_a_unit_is_rated_like_its_score_resumes_after_a_kill_and_retrains_on_a_c
     assert "run/seconds" not in json.loads((unit / fidelity.RESULT).read_text()), "results only on disk"
     assert fidelity.train_unit(setup, cid, 1)["fingerprint"] == resumed["fingerprint"], "finished: reused"
     assert fidelity.finished(setup, cid, 0) is None, "another seed is another unit"
-    for override in ("fidelity.epochs=3", "score.batches=2", "supernet.lr=0.02"):
+    for override in ("fidelity.epochs=3", "score.batches=2", "fidelity.lr=0.02"):
         assert fidelity.finished(_setup(root, tiny_params([override])), cid, 1) is None, override
+    assert fidelity.finished(_setup(root, tiny_params(["supernet.lr=0.02"])), cid, 1) is not None, \
+        "the check's own lr: tuning the supernet keeps the ground truth"
+    follows = _setup(root, tiny_params(["fidelity.lr=0", "space.blocks.b0.lr=0.03"]))
+    assert follows.cfg.lr == 0.03 and fidelity.finished(follows, cid, 1) is None, "0 = the block's supernet lr"
     monkeypatch.undo()
     longer = fidelity.train_unit(_setup(root, tiny_params(["fidelity.epochs=3"])), cid, 1)
     assert longer["epochs"] == 3 and len(longer["history"]) == 3
