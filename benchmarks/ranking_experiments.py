@@ -9,12 +9,18 @@ their stand-alone units (hours here), and the variants could not be compared on 
     python benchmarks/ranking_experiments.py WORKSPACE                    # every variant, 2 blocks at a time
     python benchmarks/ranking_experiments.py WORKSPACE base fair --jobs 1
     python benchmarks/ranking_experiments.py WORKSPACE fair_epochs30 --blocks b3    # one block only
+    python benchmarks/ranking_experiments.py WORKSPACE base --blocks b2 --truth-epochs 48  # a longer-trained truth
 
 Writes WORKSPACE/artifacts/ranking_experiments/<variant>/ (its supernets, scores, metrics.json) and prints one
 markdown row per variant: per-block Kendall tau with its bootstrap interval, and the supernet stage's minutes
 (``--by-epoch``: also which epoch of stand-alone training the scores rank like). Rerunning a variant under the
 same code retrains nothing (the supernet stage finds its checkpoint finished under the same fingerprint); only its
 scoring runs again. A code change retrains it, to the same scores (checked on one b2 variant).
+
+``--truth-epochs N`` ranks against the same candidates' stand-alone units trained N epochs instead (missing units
+are trained first, ``--jobs`` at a time, each resumable: ``artifacts/fidelity/runs_eN/``, table
+``plots/fidelity_eN/``). Same seeds, data order and per-epoch lr decay, so their first epochs are the fixed truth's
+units exactly: the same training, continued.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +82,11 @@ SETTINGS: dict[str, list[str]] = {
     "fair_epochs15_lr005_samples24k": _fair(15, "supernet.lr=0.005", "supernet.train_samples=24000"),
     "fair_epochs10_lr005_samples24k_decay80": _fair(10, "supernet.lr=0.005", "supernet.train_samples=24000",
                                                     "supernet.lr_decay=0.8"),
+    "fair_epochs10_lr005_samples24k_wd0": _fair(10, "supernet.lr=0.005", "supernet.train_samples=24000",
+                                                "supernet.weight_decay=0"),
+    "fair_epochs10_lr005_samples24k_batch64": _fair(10, "supernet.lr=0.005", "supernet.train_samples=24000",
+                                                    "supernet.batch_size=64"),  # twice the steps per op
+    "fair_epochs30_lr01_samples24k": _fair(30, "supernet.lr=0.01", "supernet.train_samples=24000"),
     "uniform_epochs10_lr005_samples24k": ["supernet.sampler=uniform", "supernet.epochs=10", "supernet.lr=0.005",
                                           "supernet.train_samples=24000"],
 }
@@ -128,7 +140,66 @@ def run_block(root: Path, block: str, overrides: list[str]) -> float:
     return seconds
 
 
-def rank(workspace: Path, root: Path, blocks: list[str], seeds: int, resamples: int, seed: int,
+@dataclass(frozen=True)
+class Truth:
+    """Where a ground truth lives in the workspace: the fixed one (``epochs`` 0) or its units trained longer."""
+
+    workspace: Path
+    epochs: int = 0
+
+    def table(self, block: str) -> Path:
+        return self.workspace / ("plots/fidelity" + self._suffix) / f"{block}.csv"
+
+    def runs(self, block: str) -> Path:
+        return self.workspace / ("artifacts/fidelity/runs" + self._suffix) / block
+
+    @property
+    def _suffix(self) -> str:
+        return f"_e{self.epochs}" if self.epochs else ""
+
+
+def train_truth_part(workspace: Path, block: str, epochs: int, part: int, parts: int) -> None:
+    """Units ``part::parts`` of the fixed truth's candidates x seeds, trained ``epochs`` epochs (a pool worker)."""
+    import torch
+
+    from pipeline import runtime
+    from pipeline.features import open_features
+    from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
+
+    torch.set_num_threads(1)
+    params = load_params([f"fidelity.epochs={epochs}"], root=workspace)
+    spec = build_space(params.space, load_teacher_blocks(workspace / TEACHER_BLOCKS)).block(block)
+    device = runtime.select_device(params.runtime)
+    cache = open_features(workspace / "artifacts/features", teacher_dir=workspace / "artifacts/teacher",
+                          prepared_dir=workspace / "data/prepared", device=device, upto=block)
+    truth = Truth(workspace, epochs)
+    setup = fidelity.setup_block(params, spec, cache, device, truth.runs(block), "--truth-epochs")
+    fixed = fidelity.read_rows(Truth(workspace).table(block), params.fidelity.seeds, "dvc repro validate/dvc.yaml")
+    units = [(r["candidate"], k) for r in fixed for k in range(params.fidelity.seeds)]
+    for cid, k in units[part::parts]:
+        fidelity.train_unit(setup, cid, k)
+
+
+def build_truth(workspace: Path, blocks: list[str], epochs: int, seeds: int, jobs: int) -> None:
+    """The longer-trained truth's tables: train the missing units (resumable), then one row per candidate with
+    the fixed table's score beside the new mean error."""
+    from pipeline import runtime
+
+    with runtime.worker_pool(jobs, "spawn") as pool:
+        pool.starmap(train_truth_part, [(workspace, b, epochs, i, jobs) for b in blocks for i in range(jobs)])
+    truth = Truth(workspace, epochs)
+    for block in blocks:
+        fixed = fidelity.read_rows(Truth(workspace).table(block), seeds, "dvc repro validate/dvc.yaml")
+        units = {(r["candidate"], k): json.loads((truth.runs(block) / r["candidate"].replace(":", ".") / f"seed{k}" /
+                                                  fidelity.RESULT).read_text())
+                 for r in fixed for k in range(seeds)}
+        rows = fidelity.block_rows([r["candidate"] for r in fixed], {r["candidate"]: r["score"] for r in fixed},
+                                   units, seeds)
+        truth.table(block).parent.mkdir(parents=True, exist_ok=True)
+        fidelity.write_rows(truth.table(block), rows)
+
+
+def rank(truth: Truth, root: Path, blocks: list[str], seeds: int, resamples: int, seed: int,
          curves: dict[str, np.ndarray]) -> dict:
     """Per block: the variant's scores of the check's candidates against their stand-alone errors (and against
     their val loss after each epoch, for the blocks in ``curves``)."""
@@ -136,7 +207,7 @@ def rank(workspace: Path, root: Path, blocks: list[str], seeds: int, resamples: 
 
     out = {}
     for block in blocks:
-        rows = fidelity.read_rows(workspace / "plots/fidelity" / f"{block}.csv", seeds, "dvc repro validate/dvc.yaml")
+        rows = fidelity.read_rows(truth.table(block), seeds, "dvc repro validate/dvc.yaml")
         table = read_table(root / f"artifacts/scores/{block}.csv")
         scores = dict(zip(table.candidates, table.score.tolist(), strict=True))
         rows = [{**r, "score": scores[r["candidate"]]} for r in rows]
@@ -147,10 +218,10 @@ def rank(workspace: Path, root: Path, blocks: list[str], seeds: int, resamples: 
     return out
 
 
-def stand_alone_curves(workspace: Path, rows: list[dict], block: str, seeds: int) -> np.ndarray:
+def stand_alone_curves(truth: Truth, rows: list[dict], block: str, seeds: int) -> np.ndarray:
     """(candidate, epoch) seed-mean val loss of the check's stand-alone units, in the order of ``rows``: which
     stage of stand-alone training the supernet ranks like (an under-trained one ranks like epoch 1)."""
-    runs = workspace / "artifacts/fidelity/runs" / block
+    runs = truth.runs(block)
     try:
         return np.array([[[h["val_loss"] for h in json.loads((runs / r["candidate"].replace(":", ".") / f"seed{k}" /
                                                                fidelity.RESULT).read_text())["history"]]
@@ -168,10 +239,15 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", help="only these blocks (default: all of space.blocks)")
     parser.add_argument("--by-epoch", action="store_true",
                         help="also the scores' tau against the stand-alone val loss after each epoch")
+    parser.add_argument("--truth-epochs", type=int, default=0,
+                        help="rank against the fixed truth's units trained this many epochs (0 = the fixed truth)")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be >= 1")
+    if args.truth_epochs < 0:
+        parser.error(f"--truth-epochs {args.truth_epochs}: must be >= 0 (0 = the fixed truth)")
     workspace = args.workspace.resolve()
+    truth = Truth(workspace, args.truth_epochs)
     curves = {}
     try:
         params = load_params(root=workspace)
@@ -180,10 +256,13 @@ def main() -> None:
         if stray:
             raise SystemExit(f"error: unknown block(s) {', '.join(stray)}: choose from {', '.join(params.space.blocks)}")
         for block in blocks:  # the ground truth must be there before hours of supernet training, not after
-            rows = fidelity.read_rows(workspace / "plots/fidelity" / f"{block}.csv", params.fidelity.seeds,
-                                      "dvc repro validate/dvc.yaml")
+            fidelity.read_rows(Truth(workspace).table(block), params.fidelity.seeds, "dvc repro validate/dvc.yaml")
+        if args.truth_epochs:
+            build_truth(workspace, blocks, args.truth_epochs, params.fidelity.seeds, args.jobs)
+        for block in blocks:
+            rows = fidelity.read_rows(truth.table(block), params.fidelity.seeds, "dvc repro validate/dvc.yaml")
             if args.by_epoch:
-                curves[block] = stand_alone_curves(workspace, rows, block, params.fidelity.seeds)
+                curves[block] = stand_alone_curves(truth, rows, block, params.fidelity.seeds)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -196,7 +275,7 @@ def main() -> None:
     print("| variant | " + " | ".join(f"{b} tau [95%]" for b in blocks) + " | mean tau | supernet min (1 thread) |")
     print("|---|" + "---|" * (len(blocks) + 2))
     for v in args.variants:
-        metrics = rank(workspace, roots[v], blocks, params.fidelity.seeds, params.fidelity.bootstrap, params.seed,
+        metrics = rank(truth, roots[v], blocks, params.fidelity.seeds, params.fidelity.bootstrap, params.seed,
                        curves)
         minutes = sum(seconds[(v, b)] for b in blocks) / 60
         (roots[v] / "metrics.json").write_text(json.dumps({"overrides": VARIANTS[v], "supernet_minutes": minutes,
