@@ -158,8 +158,10 @@ class Truth:
         return f"_e{self.epochs}" if self.epochs else ""
 
 
-def train_truth_part(workspace: Path, block: str, epochs: int, part: int, parts: int) -> None:
-    """Units ``part::parts`` of the fixed truth's candidates x seeds, trained ``epochs`` epochs (a pool worker)."""
+def train_truth_part(workspace: Path, block: str, epochs: int, part: int,
+                     parts: int) -> list[tuple[str, tuple[str, int], dict]]:
+    """Units ``part::parts`` of the fixed truth's candidates x seeds, trained ``epochs`` epochs (a pool worker);
+    (block, unit, result) each, a finished unit's result as it was saved."""
     import torch
 
     from pipeline import runtime
@@ -176,8 +178,7 @@ def train_truth_part(workspace: Path, block: str, epochs: int, part: int, parts:
     setup = fidelity.setup_block(params, spec, cache, device, truth.runs(block), "--truth-epochs")
     fixed = fidelity.read_rows(Truth(workspace).table(block), params.fidelity.seeds, "dvc repro validate/dvc.yaml")
     units = [(r["candidate"], k) for r in fixed for k in range(params.fidelity.seeds)]
-    for cid, k in units[part::parts]:
-        fidelity.train_unit(setup, cid, k)
+    return [(block, (cid, k), fidelity.train_unit(setup, cid, k)) for cid, k in units[part::parts]]
 
 
 def build_truth(workspace: Path, blocks: list[str], epochs: int, seeds: int, jobs: int) -> None:
@@ -186,13 +187,12 @@ def build_truth(workspace: Path, blocks: list[str], epochs: int, seeds: int, job
     from pipeline import runtime
 
     with runtime.worker_pool(jobs, "spawn") as pool:
-        pool.starmap(train_truth_part, [(workspace, b, epochs, i, jobs) for b in blocks for i in range(jobs)])
+        parts = pool.starmap(train_truth_part, [(workspace, b, epochs, i, jobs) for b in blocks for i in range(jobs)])
+    results = [unit for part in parts for unit in part]
     truth = Truth(workspace, epochs)
     for block in blocks:
         fixed = fidelity.read_rows(Truth(workspace).table(block), seeds, "dvc repro validate/dvc.yaml")
-        units = {(r["candidate"], k): json.loads((truth.runs(block) / r["candidate"].replace(":", ".") / f"seed{k}" /
-                                                  fidelity.RESULT).read_text())
-                 for r in fixed for k in range(seeds)}
+        units = {unit: result for b, unit, result in results if b == block}
         rows = fidelity.block_rows([r["candidate"] for r in fixed], {r["candidate"]: r["score"] for r in fixed},
                                    units, seeds)
         truth.table(block).parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +258,7 @@ def main() -> None:
         for block in blocks:  # the ground truth must be there before hours of supernet training, not after
             fidelity.read_rows(Truth(workspace).table(block), params.fidelity.seeds, "dvc repro validate/dvc.yaml")
         if args.truth_epochs:
+            load_params([f"fidelity.epochs={args.truth_epochs}"], root=workspace)  # a bad N: one line, before training
             build_truth(workspace, blocks, args.truth_epochs, params.fidelity.seeds, args.jobs)
         for block in blocks:
             rows = fidelity.read_rows(truth.table(block), params.fidelity.seeds, "dvc repro validate/dvc.yaml")
