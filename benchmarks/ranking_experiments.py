@@ -10,6 +10,7 @@ their stand-alone units (hours here), and the variants could not be compared on 
     python benchmarks/ranking_experiments.py WORKSPACE base fair --jobs 1
     python benchmarks/ranking_experiments.py WORKSPACE fair_epochs30 --blocks b3    # one block only
     python benchmarks/ranking_experiments.py WORKSPACE base --blocks b2 --truth-epochs 48  # a longer-trained truth
+    python benchmarks/ranking_experiments.py WORKSPACE base --blocks b3 --truth-epochs 48 --truth-samples 12000
 
 Writes WORKSPACE/artifacts/ranking_experiments/<variant>/ (its supernets, scores, metrics.json) and prints one
 markdown row per variant: per-block Kendall tau with its bootstrap interval, and the supernet stage's minutes
@@ -20,7 +21,9 @@ scoring runs again. A code change retrains it, to the same scores (checked on on
 ``--truth-epochs N`` ranks against the same candidates' stand-alone units trained N epochs instead (missing units
 are trained first, ``--jobs`` at a time, each resumable: ``artifacts/fidelity/runs_eN/``, table
 ``plots/fidelity_eN/``). Same seeds, data order and per-epoch lr decay, so their first epochs are the fixed truth's
-units exactly: the same training, continued.
+units exactly: the same training, continued. ``--truth-samples S`` also trains them on S fresh samples per epoch
+(``fidelity.train_samples``; ``runs_eN_sS/``, ``plots/fidelity_eN_sS/``): more steps at every lr of the schedule,
+for a block whose units are still improving when the decayed lr stops them (b3).
 """
 
 from __future__ import annotations
@@ -142,10 +145,12 @@ def run_block(root: Path, block: str, overrides: list[str]) -> float:
 
 @dataclass(frozen=True)
 class Truth:
-    """Where a ground truth lives in the workspace: the fixed one (``epochs`` 0) or its units trained longer."""
+    """Where a ground truth lives in the workspace: the fixed one (``epochs`` 0) or its units trained longer
+    (and on ``samples`` per epoch, 0 = the check's ``fidelity.train_samples``)."""
 
     workspace: Path
     epochs: int = 0
+    samples: int = 0
 
     def table(self, block: str) -> Path:
         return self.workspace / ("plots/fidelity" + self._suffix) / f"{block}.csv"
@@ -154,13 +159,17 @@ class Truth:
         return self.workspace / ("artifacts/fidelity/runs" + self._suffix) / block
 
     @property
+    def overrides(self) -> list[str]:
+        """The check's settings that train this truth's units."""
+        return [f"fidelity.epochs={self.epochs}"] + ([f"fidelity.train_samples={self.samples}"] if self.samples else [])
+
+    @property
     def _suffix(self) -> str:
-        return f"_e{self.epochs}" if self.epochs else ""
+        return (f"_e{self.epochs}" + (f"_s{self.samples}" if self.samples else "")) if self.epochs else ""
 
 
-def train_truth_part(workspace: Path, block: str, epochs: int, part: int,
-                     parts: int) -> list[tuple[str, tuple[str, int], dict]]:
-    """Units ``part::parts`` of the fixed truth's candidates x seeds, trained ``epochs`` epochs (a pool worker);
+def train_truth_part(truth: Truth, block: str, part: int, parts: int) -> list[tuple[str, tuple[str, int], dict]]:
+    """Units ``part::parts`` of the fixed truth's candidates x seeds, trained as ``truth`` says (a pool worker);
     (block, unit, result) each, a finished unit's result as it was saved."""
     import torch
 
@@ -169,29 +178,28 @@ def train_truth_part(workspace: Path, block: str, epochs: int, part: int,
     from pipeline.space import TEACHER_BLOCKS, build_space, load_teacher_blocks
 
     torch.set_num_threads(1)
-    params = load_params([f"fidelity.epochs={epochs}"], root=workspace)
+    workspace = truth.workspace
+    params = load_params(truth.overrides, root=workspace)
     spec = build_space(params.space, load_teacher_blocks(workspace / TEACHER_BLOCKS)).block(block)
     device = runtime.select_device(params.runtime)
     cache = open_features(workspace / "artifacts/features", teacher_dir=workspace / "artifacts/teacher",
                           prepared_dir=workspace / "data/prepared", device=device, upto=block)
-    truth = Truth(workspace, epochs)
     setup = fidelity.setup_block(params, spec, cache, device, truth.runs(block), "--truth-epochs")
     fixed = fidelity.read_rows(Truth(workspace).table(block), params.fidelity.seeds, "dvc repro validate/dvc.yaml")
     units = [(r["candidate"], k) for r in fixed for k in range(params.fidelity.seeds)]
     return [(block, (cid, k), fidelity.train_unit(setup, cid, k)) for cid, k in units[part::parts]]
 
 
-def build_truth(workspace: Path, blocks: list[str], epochs: int, seeds: int, jobs: int) -> None:
+def build_truth(truth: Truth, blocks: list[str], seeds: int, jobs: int) -> None:
     """The longer-trained truth's tables: train the missing units (resumable), then one row per candidate with
     the fixed table's score beside the new mean error."""
     from pipeline import runtime
 
     with runtime.worker_pool(jobs, "spawn") as pool:
-        parts = pool.starmap(train_truth_part, [(workspace, b, epochs, i, jobs) for b in blocks for i in range(jobs)])
+        parts = pool.starmap(train_truth_part, [(truth, b, i, jobs) for b in blocks for i in range(jobs)])
     results = [unit for part in parts for unit in part]
-    truth = Truth(workspace, epochs)
     for block in blocks:
-        fixed = fidelity.read_rows(Truth(workspace).table(block), seeds, "dvc repro validate/dvc.yaml")
+        fixed = fidelity.read_rows(Truth(truth.workspace).table(block), seeds, "dvc repro validate/dvc.yaml")
         units = {unit: result for b, unit, result in results if b == block}
         rows = fidelity.block_rows([r["candidate"] for r in fixed], {r["candidate"]: r["score"] for r in fixed},
                                    units, seeds)
@@ -241,13 +249,17 @@ def main() -> None:
                         help="also the scores' tau against the stand-alone val loss after each epoch")
     parser.add_argument("--truth-epochs", type=int, default=0,
                         help="rank against the fixed truth's units trained this many epochs (0 = the fixed truth)")
+    parser.add_argument("--truth-samples", type=int, default=0,
+                        help="with --truth-epochs: those units on this many train samples per epoch (0 = the check's)")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be >= 1")
     if args.truth_epochs < 0:
         parser.error(f"--truth-epochs {args.truth_epochs}: must be >= 0 (0 = the fixed truth)")
+    if args.truth_samples and not args.truth_epochs:
+        parser.error("--truth-samples needs --truth-epochs (the fixed truth's units are trained already)")
     workspace = args.workspace.resolve()
-    truth = Truth(workspace, args.truth_epochs)
+    truth = Truth(workspace, args.truth_epochs, args.truth_samples)
     curves = {}
     try:
         params = load_params(root=workspace)
@@ -258,8 +270,8 @@ def main() -> None:
         for block in blocks:  # the ground truth must be there before hours of supernet training, not after
             fidelity.read_rows(Truth(workspace).table(block), params.fidelity.seeds, "dvc repro validate/dvc.yaml")
         if args.truth_epochs:
-            load_params([f"fidelity.epochs={args.truth_epochs}"], root=workspace)  # a bad N: one line, before training
-            build_truth(workspace, blocks, args.truth_epochs, params.fidelity.seeds, args.jobs)
+            load_params(truth.overrides, root=workspace)  # a bad N or S: one line, before training
+            build_truth(truth, blocks, params.fidelity.seeds, args.jobs)
         for block in blocks:
             rows = fidelity.read_rows(truth.table(block), params.fidelity.seeds, "dvc repro validate/dvc.yaml")
             if args.by_epoch:
